@@ -1,0 +1,3 @@
+from normsurgeon.cli.app import main
+
+main()

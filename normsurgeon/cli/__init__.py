@@ -1,0 +1,1 @@
+"""The command-line interface: one module per verb, no logic beyond parsing and rendering."""

@@ -1,0 +1,58 @@
+"""``normsurgeon convert``."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from normsurgeon.cli import common
+
+
+def _recipe_help() -> str:
+    from normsurgeon.recipes import all_recipes
+
+    return "Recipe: " + "; ".join(f"{e.usage()}: {e.summary}" for e in all_recipes())
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("convert")
+    @common.handle_errors
+    def convert_cmd(
+        model: str = common.model_arg(),
+        to: str = typer.Option(..., "--to", help=_recipe_help(), show_default=False),
+        output: str = common.output_opt(),
+        weights: Optional[str] = common.weights_opt(),
+        trust_pickle: bool = common.trust_opt(),
+        input_shape: Optional[str] = common.input_shape_opt(),
+        keep: List[str] = typer.Option([], "--keep", help="Leave BN layers matching this glob alone (repeatable)."),
+        layer: List[str] = typer.Option([], "--layer", help="Per-layer recipe, PATTERN=RECIPE, e.g. 'fc.*=ln' (repeatable)."),
+        ws_form: str = typer.Option("var", "--ws-form", help="Weight standardization sigma: var = sqrt(var+eps), std = std+eps."),
+        verify: bool = typer.Option(False, "--verify", help="Fail if frozen changes outputs or the result is batch-dependent."),
+        force: bool = common.force_opt(),
+        as_json: bool = common.json_opt(),
+    ) -> None:
+        """Replace BatchNorm with a batch-independent recipe and save the converted model."""
+        from normsurgeon.errors import RecipeError
+        from normsurgeon.graph.probe import parse_shape
+        from normsurgeon.model_io import check_output, save_model
+        from normsurgeon.passes.convert import convert
+        from normsurgeon.recipes import parse_recipe
+
+        recipe = parse_recipe(to)
+        overrides = {}
+        for item in layer:
+            pat, sep, r = item.partition("=")
+            if not sep or not pat or not r:
+                raise RecipeError(f"bad --layer {item!r}: write PATTERN=RECIPE, e.g. 'fc.*=ln'")
+            parse_recipe(r)
+            overrides[pat] = r
+        if ws_form not in ("var", "std"):
+            raise RecipeError(f"bad --ws-form {ws_form!r}: use var or std")
+        check_output(output, force)
+        m = common.load(model, weights, trust_pickle)
+        opts = {"ws_form": ws_form} if ws_form != "var" else {}
+        with common.status(f"converting to {recipe}"):
+            result = convert(m, to, input_shape=parse_shape(input_shape), keep=tuple(keep),
+                             layers=overrides, verify=verify, **opts)
+        path = save_model(result.model, output, force=force)
+        common.render_result(result, f"convert --to {recipe}", as_json, {"output": str(path)})

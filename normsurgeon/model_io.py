@@ -1,0 +1,292 @@
+"""Model specs, safe loading and atomic saving.
+
+MODEL specs, the same for every verb:
+
+- ``torchvision:NAME``            torchvision classification/segmentation/detection builder, random init
+- ``timm:NAME``                   timm model, ``pretrained=False`` (never downloads)
+- ``package.module:callable``     a factory importable from the current directory or PYTHONPATH
+- ``PATH`` to a file written by normsurgeon (``.pt`` manifest or ``.safetensors``): rebuilt from its
+  source spec plus the recorded surgery, tensors loaded weights-only
+- ``PATH`` to a ``torch.save(model)`` pickle: refused unless ``trust_pickle=True`` (it runs code)
+
+``weights=FILE`` loads a state_dict (.pt/.pth weights-only, or .safetensors) into the built model.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from normsurgeon import provenance
+from normsurgeon.errors import (
+    DependencyError,
+    ModelSpecError,
+    OutputExistsError,
+    UntrustedPickleError,
+)
+
+FORMAT_KEY = "normsurgeon_format"
+FORMAT_VERSION = 1
+META_KEY = "normsurgeon_manifest"  # safetensors metadata key holding the JSON manifest
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+def load_model(spec: str, weights: str | os.PathLike | None = None, trust_pickle: bool = False):
+    """Build or load the model named by ``spec`` (see module docstring); eval mode, on CPU."""
+    if not spec or not str(spec).strip():
+        raise ModelSpecError("no MODEL given: pass a file path or a spec like torchvision:resnet18")
+    spec = str(spec).strip()
+    path = Path(spec)
+    if path.exists():
+        if path.is_dir():
+            raise ModelSpecError(f"{spec} is a directory; pass a model file or a spec like timm:resnet50")
+        model = _load_file(path, trust_pickle)
+    elif _looks_like_path(spec):
+        raise ModelSpecError(f"model file not found: {spec}")
+    else:
+        model = build_from_spec(spec)
+    if weights is not None:
+        load_weights(model, weights)
+    model.eval()
+    return model
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.endswith((".pt", ".pth", ".safetensors", ".bin", ".ckpt")) or os.sep in spec \
+        or spec.startswith(".")
+
+
+def build_from_spec(spec: str):
+    """A freshly initialised model from a zoo or factory spec (no file involved)."""
+    kind, sep, name = spec.partition(":")
+    if not sep or not name:
+        raise ModelSpecError(
+            f"cannot read MODEL {spec!r}: use a file path, torchvision:NAME, timm:NAME or package.module:callable"
+        )
+    if kind == "torchvision":
+        model = _torchvision(name)
+    elif kind == "timm":
+        model = _timm(name)
+    else:
+        model = _factory(kind, name)
+    provenance.set_source(model, spec)
+    return model
+
+
+def _torchvision(name: str):
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError:
+        raise ModelSpecError(
+            f"unknown torchvision model {name!r}; list them with: python -c "
+            "\"import torchvision; print(torchvision.models.list_models())\""
+        ) from None
+    kwargs: dict[str, Any] = {"weights": None}
+    if name.startswith("inception") or name == "googlenet":
+        kwargs["init_weights"] = True
+        if name == "googlenet":
+            kwargs["aux_logits"] = False
+    return builder(**kwargs)
+
+
+def _timm(name: str):
+    try:
+        import timm
+    except ImportError:
+        raise DependencyError("timm is not installed: pip install timm") from None
+    try:
+        return timm.create_model(name, pretrained=False)
+    except RuntimeError as e:
+        if "Unknown model" in str(e) or "Invalid model" in str(e):
+            raise ModelSpecError(
+                f"unknown timm model {name!r}; list them with: python -c \"import timm; print(timm.list_models())\""
+            ) from None
+        raise
+
+
+def _factory(module_name: str, attr: str):
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ModelSpecError(
+            f"cannot import {module_name!r} for MODEL {module_name}:{attr} ({e}); "
+            "run from the directory holding it or add it to PYTHONPATH"
+        ) from None
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise ModelSpecError(f"{module_name} has no callable {attr!r} to build the model")
+    model = fn()
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise ModelSpecError(f"{module_name}:{attr}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _load_file(path: Path, trust_pickle: bool):
+    if path.suffix == ".safetensors":
+        tensors, meta = _read_safetensors(path)
+        if META_KEY not in meta:
+            raise ModelSpecError(
+                f"{path} holds bare tensors, not a model: give the architecture as MODEL "
+                f"(e.g. torchvision:resnet50) and pass this file with --weights"
+            )
+        return _rebuild(json.loads(meta[META_KEY]), tensors, path)
+    obj = _torch_load(path, weights_only=True, trust_pickle=trust_pickle)
+    import torch
+
+    if isinstance(obj, torch.nn.Module):  # only reachable through trust_pickle
+        provenance.set_source(obj, None) if provenance.get(obj) is None else None
+        return obj
+    if isinstance(obj, dict) and obj.get(FORMAT_KEY):
+        return _rebuild(obj["manifest"], obj["state_dict"], path)
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelSpecError(
+            f"{path} is a state_dict, not a model: give the architecture as MODEL "
+            f"(e.g. torchvision:resnet50) and pass this file with --weights"
+        )
+    raise ModelSpecError(f"{path} does not hold a model normsurgeon can read ({type(obj).__name__})")
+
+
+def _torch_load(path: Path, weights_only: bool, trust_pickle: bool = False):
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a pickle of objects: a broken file
+            raise ModelSpecError(f"cannot read {path}: the file is corrupt or not a torch file") from None
+        if not trust_pickle:
+            raise UntrustedPickleError(
+                f"{path} is a full pickle: loading it runs code stored in the file. "
+                "If you trust its source, pass --trust-pickle (API: trust_pickle=True)"
+            ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        raise ModelSpecError(f"cannot read {path}: the file is corrupt or not a torch file ({_first_line(e)})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - arbitrary code ran; report it as a load failure
+        raise ModelSpecError(f"unpickling {path} failed: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def _read_safetensors(path: Path):
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ModelSpecError(f"cannot read {path}: not a valid safetensors file ({_first_line(e)})") from None
+    return tensors, meta
+
+
+def _rebuild(manifest: dict, state_dict: dict, path: Path):
+    from normsurgeon.replay import replay
+
+    source = manifest.get("source")
+    if not source:
+        raise ModelSpecError(f"{path} has no source spec to rebuild from")
+    model = build_from_spec(source)
+    model = replay(model, manifest.get("steps", []))
+    _load_state(model, state_dict, str(path))
+    return model
+
+
+def load_weights(model, weights: str | os.PathLike) -> None:
+    """Load a state_dict file into ``model`` (weights-only; .safetensors or torch)."""
+    path = Path(weights)
+    if not path.is_file():
+        raise ModelSpecError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        state, _ = _read_safetensors(path)
+    else:
+        state = _torch_load(path, weights_only=True, trust_pickle=False)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ModelSpecError(f"{path} does not hold a state_dict")
+    _load_state(model, state, str(path))
+
+
+def _load_state(model, state: dict, where: str) -> None:
+    result = model.load_state_dict(state, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise ModelSpecError(
+            f"weights in {where} do not match the model: {', '.join(parts)}; check MODEL names the same architecture"
+        )
+
+
+# ------------------------------------------------------------------------------------------ saving
+
+def check_output(path: str | os.PathLike, force: bool = False) -> Path:
+    """Fail early (before any work) if ``path`` exists without ``force`` or its folder is missing."""
+    out = Path(path)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
+    if out.exists() and out.is_dir():
+        raise OutputExistsError(f"{out} is a directory; give a file name")
+    if not out.parent.exists():
+        raise OutputExistsError(f"folder {out.parent} does not exist; create it first")
+    return out
+
+
+def save_model(model, path: str | os.PathLike, force: bool = False) -> Path:
+    """Write ``model`` atomically: a manifest (rebuildable, weights-only) when its source is a spec,
+    else a full pickle (which needs ``trust_pickle`` to load back). ``.safetensors`` paths get a
+    safetensors file with the manifest in its metadata (spec-sourced models only)."""
+    out = check_output(path, force)
+    p = provenance.get(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if out.suffix == ".safetensors":
+        if not provenance.rebuildable(model):
+            raise ModelSpecError(
+                "this model was not built from a spec, so safetensors cannot describe it; save to .pt instead"
+            )
+        from safetensors.torch import save_file
+
+        state = {k: v.clone() for k, v in state.items()}  # safetensors refuses shared storage
+        _atomic(out, lambda tmp: save_file(state, tmp, metadata={META_KEY: json.dumps(p)}))
+        return out
+    import torch
+
+    if provenance.rebuildable(model):
+        payload = {FORMAT_KEY: FORMAT_VERSION, "manifest": p, "state_dict": state}
+        _atomic(out, lambda tmp: torch.save(payload, tmp))
+    else:
+        _atomic(out, lambda tmp: torch.save(model, tmp))
+    return out
+
+
+def _atomic(out: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

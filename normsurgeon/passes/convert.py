@@ -1,0 +1,323 @@
+"""``convert``: replace BatchNorm layers with a batch-independent recipe.
+
+Two paths, reported in ``SurgeryResult.path``:
+
+- ``fx``: the model is traced (norm layers, convs and linears kept as leaves); every BN call site is a
+  node, so producers, activations and functional ``F.batch_norm`` calls are seen exactly.
+- ``module-swap``: when tracing fails (pytorch#87777 and friends), BN modules are swapped in place,
+  guided by forward hooks on a probe input that tell which conv feeds which BN.
+"""
+from __future__ import annotations
+
+import copy
+import inspect as _inspect
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from normsurgeon import provenance
+from normsurgeon.errors import NormSurgeonError, RecipeError, VerificationError
+from normsurgeon.graph.modules import (
+    ACTIVATION_FUNCTIONS,
+    ACTIVATION_METHODS,
+    ACTIVATION_TYPES,
+    describe,
+    is_batchnorm,
+    matches,
+    set_submodule,
+)
+from normsurgeon.graph.probe import ModuleUse, observe, probe_input
+from normsurgeon.graph.trace import try_trace
+from normsurgeon.graph.verify import batch_independence_error, compare
+from normsurgeon.layers.norm_act import NormAct, bn_extras
+from normsurgeon.recipes import BuildContext, Recipe, get_entry, parse_recipe
+from normsurgeon.report import Change, SurgeryResult
+
+FROZEN_TOLERANCE = 1e-5
+BATCH_INDEPENDENCE_TOLERANCE = 1e-4
+
+
+def convert(
+    model: nn.Module,
+    to: str | Recipe = "gn+ws",
+    *,
+    input_shape: tuple[int, ...] | list[int] | None = None,
+    keep: tuple[str, ...] | list[str] = (),
+    layers: dict[str, str] | None = None,
+    verify: bool = False,
+    **options: Any,
+) -> SurgeryResult:
+    """Replace every BatchNorm in ``model`` (a copy; the input is untouched) following recipe ``to``.
+
+    ``keep``: glob patterns of BN layer names to leave alone. ``layers``: per-layer recipe overrides,
+    ``{"layer4.*": "gn:16"}``. ``options``: recipe options (``ws_form``, ``ws_eps``, ...).
+    ``verify``: raise if ``frozen`` changes outputs by more than 1e-5 relative, or if the result is not
+    batch-independent in eval. The report always carries the measured figures.
+    """
+    recipe = to if isinstance(to, Recipe) else parse_recipe(to, **options)
+    overrides = {pat: parse_recipe(r, **options) for pat, r in (layers or {}).items()}
+    shape = tuple(input_shape) if input_shape else None
+    x = probe_input(model, shape)
+    shape = tuple(x.shape)
+
+    traced = try_trace(copy.deepcopy(model))
+    changes: list[Change] = []
+    if traced.ok:
+        new, path = traced.graph_module, "fx"
+        uses = observe(new, x, nn.modules.batchnorm._BatchNorm)
+        _convert_fx(new, recipe, overrides, keep, uses, changes)
+    else:
+        new, path = copy.deepcopy(model), "module-swap"
+        watch = (nn.modules.batchnorm._BatchNorm,) + ACTIVATION_TYPES
+        uses = observe(new, x, watch)
+        _convert_swap(new, recipe, overrides, keep, uses, changes)
+        changes.insert(0, Change("<model>", "fallback", detail=f"torch.fx cannot trace: {traced.error}"))
+
+    new.eval()
+    ver = compare(model, new, x, FROZEN_TOLERANCE if recipe.name == "frozen" and not overrides else None)
+    ver.batch_independent = (bi := batch_independence_error(new, x)) <= BATCH_INDEPENDENCE_TOLERANCE
+    if verify and not ver.ok:
+        raise VerificationError(
+            f"convert --to {recipe} changed outputs by {ver.max_rel_error:.2e} relative (limit {ver.tolerance:.0e})"
+        )
+    if verify and not ver.batch_independent:
+        raise VerificationError(
+            f"converted model is not batch-independent in eval: a sample's output moved by {bi:.2e} "
+            "when the rest of the batch changed (see the report for layers left as BatchNorm)"
+        )
+    args = {"to": str(recipe), "input_shape": list(shape), "keep": list(keep), "layers": dict(layers or {})}
+    args.update(options)
+    provenance.record(new, model, "convert", args)
+    return SurgeryResult(
+        model=new, changes=changes, verb="convert", path=path, verification=ver,
+        info={"recipe": str(recipe), "input_shape": list(shape), "batch_independence_error": bi},
+    )
+
+
+def _recipe_for(name: str, recipe: Recipe, overrides: dict[str, Recipe]) -> Recipe:
+    for pat, r in overrides.items():
+        if matches(name, [pat]):
+            return r
+    return recipe
+
+
+def _build(name: str, bn: nn.Module, recipe: Recipe, use: ModuleUse | None, producer, producer_name):
+    entry = get_entry(recipe.name)
+    ctx = BuildContext(
+        name=name, bn=bn, input_shape=use.input_shape if use else None,
+        producer=producer, producer_name=producer_name, recipe=recipe,
+    )
+    if ctx.input_shape is None:
+        ctx.notes.append("not reached by the probe input: groups chosen from channels alone")
+    try:
+        rep = entry.build(ctx)
+    except (ValueError, RuntimeError) as e:
+        if isinstance(e, NormSurgeonError):
+            raise
+        return None, ctx, str(e)
+    return rep, ctx, None
+
+
+def _wrap(bn: nn.Module, norm: nn.Module, post: nn.Module | None = None) -> tuple[nn.Module, str]:
+    drop, act = bn_extras(bn)
+    if drop is None and act is None and post is None:
+        return norm, ""
+    kept = [f"{k} {type(m).__name__}" for k, m in (("drop", drop), ("act", act)) if m is not None]
+    return NormAct(norm, drop, act, post), ("kept " + ", ".join(kept) if kept else "")
+
+
+# --------------------------------------------------------------------------------------- fx path
+
+def _convert_fx(gm: fx.GraphModule, recipe, overrides, keep, uses, changes) -> None:
+    _materialize_functional_bn(gm, changes)
+    modules = dict(gm.named_modules())
+    counter = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not is_batchnorm(modules.get(node.target)):
+            continue
+        name, bn = node.target, modules[node.target]
+        if matches(name, keep):
+            changes.append(Change(name, "kept", describe(bn), describe(bn), "matches --keep"))
+            continue
+        r = _recipe_for(name, recipe, overrides)
+        src = node.args[0] if node.args else None
+        producer = producer_name = None
+        if isinstance(src, fx.Node) and src.op == "call_module":
+            producer_name, producer = src.target, modules.get(src.target)
+        rep, ctx, err = _build(name, bn, r, uses.get(name), producer, producer_name)
+        if rep is None:
+            changes.append(Change(name, "skipped", describe(bn), describe(bn), err))
+            continue
+        post = None
+        notes = list(ctx.notes)
+        _, fused_act = bn_extras(bn)
+        if rep.after_activation is not None:
+            if fused_act is not None:
+                post = rep.after_activation(fused_act)
+            else:
+                act_node, act_mod = _activation_after(node, modules)
+                if act_node is None:
+                    post = rep.after_activation(None)
+                else:
+                    post_mod = rep.after_activation(act_mod)
+                    if post_mod is not None:
+                        counter += 1
+                        post_name = f"{name.replace('.', '_')}_post"
+                        gm.add_submodule(post_name, post_mod)
+                        _insert_after(gm, act_node, post_name)
+                        notes.append(f"{type(post_mod).__name__} inserted after {act_node.name}")
+                    post = None
+        new_mod, extra_note = _wrap(bn, rep.norm, post)
+        if extra_note:
+            notes.append(extra_note)
+        set_submodule(gm, name, new_mod)
+        if rep.producer is not None and producer_name is not None:
+            set_submodule(gm, producer_name, rep.producer)
+            changes.append(Change(producer_name, "standardized", describe(producer), describe(rep.producer),
+                                  f"feeds {name}"))
+        changes.append(Change(name, "replaced", describe(bn), describe(rep.norm), "; ".join(notes)))
+        modules = dict(gm.named_modules())
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _activation_after(node: fx.Node, modules: dict[str, nn.Module]):
+    """The activation node consuming ``node`` (sole user), as (node, equivalent module) or (None, None)."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None, None
+    u = users[0]
+    if u.op == "call_module" and isinstance(modules.get(u.target), ACTIVATION_TYPES):
+        return u, modules[u.target]
+    if u.op == "call_function" and u.target in ACTIVATION_FUNCTIONS:
+        return u, ACTIVATION_FUNCTIONS[u.target]()
+    if u.op == "call_method" and u.target in ACTIVATION_METHODS:
+        return u, ACTIVATION_METHODS[u.target]()
+    return None, None
+
+
+def _insert_after(gm: fx.GraphModule, node: fx.Node, target: str) -> None:
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(target, (node,))
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+
+
+_BN_SIG = _inspect.signature(torch.nn.functional.batch_norm)
+
+
+def _materialize_functional_bn(gm: fx.GraphModule, changes: list[Change]) -> None:
+    """Turn ``F.batch_norm(x, <buffer>, <buffer>, <param>, <param>, ...)`` calls into BN modules
+    (pytorch#122070: functional BN is otherwise invisible to module-level passes)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.nn.functional.batch_norm:
+            continue
+        try:
+            bound = _BN_SIG.bind(*node.args, **node.kwargs)
+        except TypeError:
+            continue
+        bound.apply_defaults()
+        a = bound.arguments
+
+        def fetch(arg):
+            if arg is None:
+                return None
+            if isinstance(arg, fx.Node) and arg.op == "get_attr":
+                return gm.get_parameter(arg.target) if _is_param(gm, arg.target) else gm.get_buffer(arg.target)
+            raise LookupError
+
+        try:
+            rm, rv, w, b = (fetch(a[k]) for k in ("running_mean", "running_var", "weight", "bias"))
+        except (LookupError, AttributeError):
+            changes.append(Change(node.name, "skipped", "F.batch_norm", "",
+                                  "functional batch_norm whose tensors are computed, not stored"))
+            continue
+        if rm is None or rv is None or not isinstance(a["training"], bool):
+            changes.append(Change(node.name, "skipped", "F.batch_norm", "",
+                                  "functional batch_norm without running statistics (batch statistics only)"))
+            continue
+        c = rm.numel()
+        bn = nn.BatchNorm1d(c, eps=float(a["eps"]), momentum=a["momentum"], affine=w is not None)
+        with torch.no_grad():
+            bn.running_mean.copy_(rm)
+            bn.running_var.copy_(rv)
+            if w is not None:
+                bn.weight.copy_(w)
+                bn.bias.copy_(b if b is not None else torch.zeros_like(w))
+        bn = bn.to(rm.device)
+        target = f"functional_bn_{node.name}"
+        gm.add_submodule(target, bn)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(target, (a["input"],))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changes.append(Change(target, "materialized", "F.batch_norm", describe(bn),
+                              f"functional call {node.name} turned into a module"))
+
+
+def _is_param(gm: nn.Module, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
+
+
+# ------------------------------------------------------------------------------- module-swap path
+
+def _convert_swap(model: nn.Module, recipe, overrides, keep, uses, changes) -> None:
+    modules = dict(model.named_modules())
+    bn_names = [n for n, m in modules.items() if is_batchnorm(m)]
+    nested = {n for n in bn_names for p in bn_names if n != p and n.startswith(p + ".")}
+    for name in bn_names:
+        if name in nested:
+            continue
+        bn = modules[name]
+        if matches(name, keep):
+            changes.append(Change(name, "kept", describe(bn), describe(bn), "matches --keep"))
+            continue
+        use = uses.get(name)
+        r = _recipe_for(name, recipe, overrides)
+        producer_name = use.producer if use else None
+        producer = modules.get(producer_name) if producer_name else None
+        rep, ctx, err = _build(name, bn, r, use, producer, producer_name)
+        if rep is None:
+            changes.append(Change(name, "skipped", describe(bn), describe(bn), err))
+            continue
+        notes = list(ctx.notes)
+        post = None
+        _, fused_act = bn_extras(bn)
+        if rep.after_activation is not None:
+            if fused_act is not None:
+                post = rep.after_activation(fused_act)
+            else:
+                act_name = _sole_activation_consumer(use, modules, uses)
+                if act_name is None:
+                    notes.append("no single-use activation module after it: nothing inserted after the activation")
+                    post = rep.after_activation(None)
+                else:
+                    post_mod = rep.after_activation(modules[act_name])
+                    if post_mod is not None:
+                        set_submodule(model, act_name, nn.Sequential(modules[act_name], post_mod))
+                        notes.append(f"{type(post_mod).__name__} inserted after {act_name}")
+        new_mod, extra_note = _wrap(bn, rep.norm, post)
+        if extra_note:
+            notes.append(extra_note)
+        set_submodule(model, name, new_mod)
+        if rep.producer is not None and producer_name:
+            set_submodule(model, producer_name, rep.producer)
+            changes.append(Change(producer_name, "standardized", describe(producer), describe(rep.producer),
+                                  f"feeds {name}"))
+        if use is None:
+            notes.append("not called on the probe input")
+        changes.append(Change(name, "replaced", describe(bn), describe(rep.norm), "; ".join(notes)))
+
+
+def _sole_activation_consumer(use: ModuleUse | None, modules, uses) -> str | None:
+    if use is None or len(use.consumers) != 1:
+        return None
+    name = use.consumers[0]
+    act_use = uses.get(name)
+    if isinstance(modules.get(name), ACTIVATION_TYPES) and act_use is not None and act_use.calls == 1:
+        return name
+    return None

@@ -1,0 +1,88 @@
+"""The core recipes: gn, ln, in, gn+ws, frozen."""
+from __future__ import annotations
+
+from normsurgeon.recipes.groups import choose_groups, spatial_size
+from normsurgeon.recipes.registry import BuildContext, RecipeEntry, Replacement, register
+
+
+def _positive_int(value: int) -> str | None:
+    return None if value >= 1 else "must be a positive integer"
+
+
+def group_norm_from_bn(ctx: BuildContext, wanted_groups: int, affine_from_bn: bool = True):
+    """A GroupNorm with ``wanted_groups`` (adjusted and noted) carrying the BN's gamma/beta and eps."""
+    import torch
+    from torch import nn
+
+    bn = ctx.bn
+    c = bn.num_features
+    groups, note = choose_groups(c, wanted_groups, spatial_size(ctx.input_shape))
+    if note:
+        ctx.notes.append(note)
+    gn = nn.GroupNorm(groups, c, eps=bn.eps, affine=bn.affine or not affine_from_bn)
+    ref = bn.running_mean if bn.running_mean is not None else (bn.weight if bn.affine else None)
+    if ref is not None:
+        gn = gn.to(device=ref.device, dtype=ref.dtype)
+    if bn.affine and affine_from_bn:
+        with torch.no_grad():
+            gn.weight.copy_(bn.weight.detach())
+            gn.bias.copy_(bn.bias.detach())
+    if not bn.affine:
+        ctx.notes.append("BN had no affine; GroupNorm has none either")
+    return gn
+
+
+def _gn(ctx: BuildContext) -> Replacement:
+    return Replacement(norm=group_norm_from_bn(ctx, ctx.recipe.arg))
+
+
+def _ln(ctx: BuildContext) -> Replacement:
+    return Replacement(norm=group_norm_from_bn(ctx, 1))
+
+
+def _in(ctx: BuildContext) -> Replacement:
+    return Replacement(norm=group_norm_from_bn(ctx, ctx.bn.num_features))
+
+
+def ws_producer(ctx: BuildContext):
+    """The producing conv as a weight-standardized conv, or None (with a note saying why)."""
+    from normsurgeon.layers.ws_conv import ws_class_for
+
+    if ctx.producer is None:
+        ctx.notes.append("no WS: the BN input is not produced by a conv module")
+        return None
+    cls = ws_class_for(ctx.producer)
+    if cls is None:
+        ctx.notes.append(f"no WS: producer is {type(ctx.producer).__name__}, not a plain conv")
+        return None
+    eps = ctx.recipe.option("ws_eps", 1e-5)
+    form = ctx.recipe.option("ws_form", "var")
+    return cls.from_conv(ctx.producer, eps=eps, form=form)
+
+
+def _gn_ws(ctx: BuildContext) -> Replacement:
+    return Replacement(norm=group_norm_from_bn(ctx, ctx.recipe.arg), producer=ws_producer(ctx))
+
+
+def _frozen(ctx: BuildContext) -> Replacement:
+    from normsurgeon.layers.frozen_bn import FrozenBatchNorm
+
+    if ctx.bn.running_mean is None:
+        raise ValueError("BN has no running statistics (track_running_stats=False): nothing to freeze")
+    return Replacement(norm=FrozenBatchNorm.from_batchnorm(ctx.bn))
+
+
+register(RecipeEntry(
+    "gn", "GroupNorm(G) carrying BN's gamma/beta; G reduced to a usable divisor of C",
+    _gn, arg_name="groups", arg_type=int, default=32, check_arg=_positive_int, folds="no"))
+register(RecipeEntry(
+    "ln", "LayerNorm over channels and positions (GroupNorm with 1 group)", _ln, folds="no"))
+register(RecipeEntry(
+    "in", "InstanceNorm (GroupNorm with C groups; reduced where a group would hold < 4 values)",
+    _in, folds="no"))
+register(RecipeEntry(
+    "gn+ws", "GroupNorm(G) + weight standardization of the producing conv (Qiao et al.)",
+    _gn_ws, arg_name="groups", arg_type=int, default=32, check_arg=_positive_int, folds="partial"))
+register(RecipeEntry(
+    "frozen", "BN's eval-mode affine with fixed buffers: exactly function-preserving",
+    _frozen, folds="yes"))

@@ -1,0 +1,128 @@
+"""Recipe registry and parser. Imports torch lazily: ``--help`` lists recipes without it."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from normsurgeon.errors import RecipeError
+
+# Modules whose import registers recipes. Order is the order ``--help`` lists them.
+_BUILTIN_MODULES = ("normsurgeon.recipes.basic", "normsurgeon.recipes.seed")
+_REGISTRY: dict[str, "RecipeEntry"] = {}
+_LOADED = False
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A parsed ``--to`` value: registry name, its argument (or the default), and options."""
+
+    name: str
+    arg: Any = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return dict(self.options).get(key, default)
+
+    def __str__(self) -> str:
+        return self.name if self.arg is None else f"{self.name}:{self.arg}"
+
+
+@dataclass
+class BuildContext:
+    """What a recipe's builder sees for one BatchNorm layer."""
+
+    name: str  # qualified name of the BN layer (module path or node name)
+    bn: Any  # the BatchNorm module (an nn.modules.batchnorm._BatchNorm)
+    input_shape: tuple[int, ...] | None  # shape seen on the probe input, if known
+    producer: Any = None  # the module producing the BN input, when it is a module
+    producer_name: str | None = None
+    recipe: Recipe | None = None
+    notes: list[str] = field(default_factory=list)  # builder's remarks, copied into the Change
+
+
+@dataclass
+class Replacement:
+    """What replaces one BN layer.
+
+    ``norm``: the module in the BN's place. ``producer``: a module to put in place of the producing
+    conv (weight standardization), or None. ``after_activation``: a module to insert after the
+    activation that consumes the norm (proxy normalization), built from that activation, or None.
+    """
+
+    norm: Any
+    producer: Any = None
+    after_activation: Callable[[Any], Any] | None = None
+
+
+@dataclass(frozen=True)
+class RecipeEntry:
+    name: str
+    summary: str  # one line, shown by --help and inspect
+    build: Callable[[BuildContext], Replacement]
+    arg_name: str | None = None  # e.g. "groups"; None: takes no argument
+    arg_type: Callable[[str], Any] | None = None
+    default: Any = None
+    batch_independent_train: bool = True  # claim checked by tests
+    folds: str = "yes"  # yes | partial | no: what `fold` can remove at eval
+    check_arg: Callable[[Any], str | None] | None = None  # returns an error message or None
+
+    def usage(self) -> str:
+        return self.name if self.arg_name is None else f"{self.name}[:{self.arg_name.upper()}]"
+
+
+def register(entry: RecipeEntry) -> RecipeEntry:
+    if entry.name in _REGISTRY:
+        raise ValueError(f"recipe {entry.name!r} registered twice")
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+def _load() -> None:
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        for mod in _BUILTIN_MODULES:
+            try:
+                importlib.import_module(mod)
+            except ModuleNotFoundError as e:  # a recipe module not written yet
+                if e.name != mod:
+                    raise
+
+
+def all_recipes() -> list[RecipeEntry]:
+    _load()
+    return list(_REGISTRY.values())
+
+
+def get_entry(name: str) -> RecipeEntry:
+    _load()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise RecipeError(
+            f"unknown recipe {name!r}; valid recipes: {', '.join(e.usage() for e in all_recipes())}"
+        ) from None
+
+
+def parse_recipe(text: str, **options: Any) -> Recipe:
+    """Parse ``NAME[:ARG]`` against the registry; raise RecipeError with the valid list otherwise."""
+    text = (text or "").strip().lower()
+    name, sep, raw = text.partition(":")
+    entry = get_entry(name)
+    if not sep:
+        arg = entry.default
+    elif entry.arg_name is None:
+        raise RecipeError(f"recipe {name!r} takes no argument; write --to {name}")
+    else:
+        try:
+            arg = entry.arg_type(raw) if entry.arg_type else raw
+        except ValueError:
+            raise RecipeError(
+                f"bad argument {raw!r} for recipe {name!r}: expected {entry.usage()}"
+            ) from None
+    if entry.check_arg is not None and arg is not None:
+        problem = entry.check_arg(arg)
+        if problem:
+            raise RecipeError(f"bad argument for recipe {name!r}: {problem}")
+    return Recipe(name=name, arg=arg, options=tuple(sorted(options.items())))

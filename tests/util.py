@@ -1,0 +1,40 @@
+"""Helpers shared by test files (import as ``from tests.util import ...``)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def randomize_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BN non-trivial running stats and affine, so exactness tests can fail."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                    m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.3)
+    return model
+
+
+def run_cli(*args: str, cwd: str | Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Run ``python -m normsurgeon ARGS`` in a subprocess; returns CompletedProcess (text)."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("COLUMNS", "200")
+    e.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "normsurgeon", *args], cwd=cwd, env=e,
+        capture_output=True, text=True, timeout=timeout,
+    )
