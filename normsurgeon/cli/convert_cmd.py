@@ -28,6 +28,8 @@ def register(app: typer.Typer) -> None:
         layer: List[str] = typer.Option([], "--layer", help="Per-layer recipe, PATTERN=RECIPE, e.g. 'fc.*=ln' (repeatable)."),
         ws_form: str = typer.Option("var", "--ws-form", help="Weight standardization sigma: var = sqrt(var+eps), std = std+eps."),
         verify: bool = typer.Option(False, "--verify", help="Fail if frozen changes outputs or the result is batch-dependent."),
+        init: Optional[str] = typer.Option(None, "--init", help="Re-initialize norm affines for training from scratch: revisited (gamma 0.1, beta 0; Davis & Frank)."),
+        input_norm: bool = typer.Option(False, "--input-norm", help="Prepend an online BN-based input normalization layer (gamma 0.058, beta frozen at 0)."),
         force: bool = common.force_opt(),
         as_json: bool = common.json_opt(),
     ) -> None:
@@ -48,11 +50,14 @@ def register(app: typer.Typer) -> None:
             overrides[pat] = r
         if ws_form not in ("var", "std"):
             raise RecipeError(f"bad --ws-form {ws_form!r}: use var or std")
+        from normsurgeon.passes.train_options import check_init
+
+        check_init(init)
         check_output(output, force)
         m = common.load(model, weights, trust_pickle)
         opts = {"ws_form": ws_form} if ws_form != "var" else {}
         with common.status(f"converting to {recipe}"):
             result = convert(m, to, input_shape=parse_shape(input_shape), keep=tuple(keep),
-                             layers=overrides, verify=verify, **opts)
+                             layers=overrides, verify=verify, init=init, input_norm=input_norm, **opts)
         path = save_model(result.model, output, force=force)
         common.render_result(result, f"convert --to {recipe}", as_json, {"output": str(path)})

@@ -31,6 +31,7 @@ from normsurgeon.graph.probe import ModuleUse, observe, probe_input
 from normsurgeon.graph.trace import try_trace
 from normsurgeon.graph.verify import batch_independence_error, compare
 from normsurgeon.layers.norm_act import NormAct, bn_extras
+from normsurgeon.passes import train_options
 from normsurgeon.recipes import BuildContext, Recipe, get_entry, parse_recipe
 from normsurgeon.report import Change, SurgeryResult
 
@@ -46,16 +47,20 @@ def convert(
     keep: tuple[str, ...] | list[str] = (),
     layers: dict[str, str] | None = None,
     verify: bool = False,
+    init: str | None = None,
+    input_norm: bool = False,
     **options: Any,
 ) -> SurgeryResult:
     """Replace every BatchNorm in ``model`` (a copy; the input is untouched) following recipe ``to``.
 
     ``keep``: glob patterns of BN layer names to leave alone. ``layers``: per-layer recipe overrides,
     ``{"layer4.*": "gn:16"}``. ``options``: recipe options (``ws_form``, ``ws_eps``, ...).
+    ``init``/``input_norm``: options for training from scratch (``passes/train_options.py``).
     ``verify``: raise if ``frozen`` changes outputs by more than 1e-5 relative, or if the result is not
     batch-independent in eval. The report always carries the measured figures.
     """
     recipe = to if isinstance(to, Recipe) else parse_recipe(to, **options)
+    train_options.check_init(init)
     overrides = {pat: parse_recipe(r, **options) for pat, r in (layers or {}).items()}
     shape = tuple(input_shape) if input_shape else None
     x = probe_input(model, shape)
@@ -74,8 +79,12 @@ def convert(
         _convert_swap(new, recipe, overrides, keep, uses, changes)
         changes.insert(0, Change("<model>", "fallback", detail=f"torch.fx cannot trace: {traced.error}"))
 
+    train_options.apply_init(new, init, changes)
+    if input_norm:
+        train_options.prepend_input_norm(new, x, changes)
     new.eval()
-    ver = compare(model, new, x, FROZEN_TOLERANCE if recipe.name == "frozen" and not overrides else None)
+    preserving = recipe.name == "frozen" and not overrides and init is None and not input_norm
+    ver = compare(model, new, x, FROZEN_TOLERANCE if preserving else None)
     ver.batch_independent = (bi := batch_independence_error(new, x)) <= BATCH_INDEPENDENCE_TOLERANCE
     if verify and not ver.ok:
         raise VerificationError(
@@ -88,6 +97,10 @@ def convert(
         )
     args = {"to": str(recipe), "input_shape": list(shape), "keep": list(keep), "layers": dict(layers or {})}
     args.update(options)
+    if init is not None:
+        args["init"] = init
+    if input_norm:
+        args["input_norm"] = True
     provenance.record(new, model, "convert", args)
     return SurgeryResult(
         model=new, changes=changes, verb="convert", path=path, verification=ver,

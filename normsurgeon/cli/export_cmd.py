@@ -1,0 +1,75 @@
+"""``normsurgeon export``."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from normsurgeon.cli import common
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export")
+    @common.handle_errors
+    def export_cmd(
+        model: str = common.model_arg(),
+        output: str = common.output_opt(),
+        weights: Optional[str] = common.weights_opt(),
+        trust_pickle: bool = common.trust_opt(),
+        input_shape: Optional[str] = common.input_shape_opt(),
+        opset: int = typer.Option(20, "--opset", help="ONNX opset (20 keeps GroupNorm on ORT's native InstanceNorm path)."),
+        dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Make the batch dimension dynamic."),
+        fp16: bool = typer.Option(False, "--fp16", help="fp16 weights and compute (fp32 inputs/outputs)."),
+        no_fold: bool = typer.Option(False, "--no-fold", help="Export as is, without folding first."),
+        keep: List[str] = typer.Option([], "--keep", help="Layers fold leaves alone (glob, repeatable)."),
+        verify: bool = typer.Option(False, "--verify", help="Run ONNX Runtime against PyTorch; fail beyond 1e-4 (fp32) / 1e-2 (fp16) relative."),
+        exporter: str = typer.Option("auto", "--exporter", help="auto (dynamo, TorchScript fallback), dynamo or torchscript."),
+        gn_form: str = typer.Option("conv-affine", "--gn-form", help="GroupNorm affine as a depthwise 1x1 Conv (conv-affine, fastest on ORT CPU) or the exporter's Mul/Add (instancenorm)."),
+        force: bool = common.force_opt(),
+        as_json: bool = common.json_opt(),
+    ) -> None:
+        """Fold, export to ONNX, optimize the graph (no BatchNormalization, no constant-only nodes),
+        run the ONNX checker and optionally verify with ONNX Runtime."""
+        from normsurgeon.deploy.export import export_onnx
+        from normsurgeon.graph.probe import parse_shape
+        from normsurgeon.model_io import check_output
+
+        check_output(output, force)
+        m = common.load(model, weights, trust_pickle)
+        with common.status("exporting"):
+            rep = export_onnx(m, output, input_shape=parse_shape(input_shape), opset=opset,
+                              dynamic_batch=dynamic_batch, fp16=fp16, fold=not no_fold, verify=verify,
+                              exporter=exporter, gn_form=gn_form, keep=tuple(keep), force=force)
+        if as_json:
+            common.print_json(rep.to_dict())
+            return
+        _render(rep)
+
+
+def _render(rep) -> None:
+    from rich.table import Table
+
+    out = common.console()
+    out.print(f"[bold]{rep.path}[/]" + (f" + {rep.data_path}" if rep.data_path else "")
+              + f" ({rep.bytes / 1e6:.1f} MB, opset {rep.opset}, {rep.exporter} exporter"
+              + (", dynamic batch" if rep.dynamic_batch else "") + (", fp16" if rep.fp16 else "") + ")")
+    if rep.fold:
+        s = ", ".join(f"{n} {a}" for a, n in rep.fold["summary"].items()) or "nothing to fold"
+        out.print(f"fold ({rep.fold['path']}): {s}")
+    t = Table(title="graph", show_header=True)
+    t.add_column("op")
+    t.add_column("count", justify="right")
+    for op, n in rep.nodes.items():
+        t.add_row(op, str(n))
+    out.print(t)
+    mark = lambda ok: "[green]ok[/]" if ok else "[red]no[/]"  # noqa: E731
+    out.print(f"BatchNormalization nodes: {rep.batchnorm_nodes} {mark(rep.batchnorm_nodes == 0)}; "
+              f"constant-only nodes: {rep.constant_nodes} {mark(rep.constant_nodes == 0)}; "
+              f"GroupNorm layers: {rep.groupnorm_nodes} ({rep.gn_form}); checker: {rep.checker}")
+    v = rep.verification
+    if v:
+        out.print(f"verify (ORT {v['provider']} vs PyTorch): max rel error {v['max_rel_error']:.2e}, "
+                  f"max abs {v['max_abs_error']:.2e} (limit {v['tolerance']:.0e}) {mark(v['ok'])}")
+    out.print("time: " + ", ".join(f"{k} {s:.2f} s" for k, s in rep.seconds.items()))
+    for n in rep.notes:
+        out.print(f"note: {common.escape(n)}")

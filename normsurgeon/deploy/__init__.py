@@ -1,0 +1,1 @@
+"""Deployment: ONNX export with graph optimization and checks, ONNX Runtime sessions, benchmarking."""

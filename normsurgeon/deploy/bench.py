@@ -1,0 +1,249 @@
+"""``bench``: latency and throughput of a model on ONNX Runtime, with a PyTorch eager row beside it.
+
+Method (ONNX-NOTES.md §3): one session per (model, provider, batch size), IO binding with inputs and
+outputs bound once (on the GPU: device buffers, so host<->device copies stay out of the timings),
+warm-up runs, then timed runs reported as p50/p90/p99 and throughput = batch / p50. ``compare``
+models are timed interleaved with the main one in the same process (A, B, A, B, ...), so load on a
+shared machine hits both alike; ratios are B / A of the medians.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from normsurgeon.errors import ModelSpecError
+
+
+@dataclass
+class BenchRow:
+    model: str
+    backend: str  # ort-cpu | ort-cuda | ort-tensorrt | torch-cpu | torch-cuda
+    batch: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    throughput: float  # samples / s at p50
+    runs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class BenchReport:
+    provider: str
+    provider_note: str
+    precision: str
+    input_shape: list[int]
+    rows: list[BenchRow] = field(default_factory=list)
+    ratios: list[dict[str, Any]] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class _Target:
+    label: str
+    onnx_path: str
+    torch_model: Any  # nn.Module or None (an .onnx MODEL has no PyTorch twin)
+    static_batch: int | None
+
+
+def bench(
+    model,
+    *,
+    provider: str = "auto",
+    batch_sizes: tuple[int, ...] | list[int] = (1, 8, 32),
+    fp16: bool = False,
+    compare=None,
+    input_shape: tuple[int, ...] | list[int] | None = None,
+    warmup: int = 10,
+    runs: int = 50,
+    min_seconds: float = 0.0,
+    torch_eager: bool = True,
+    threads: int | None = None,
+    labels: tuple[str, str] = ("model", "compare"),
+) -> BenchReport:
+    """Benchmark ``model`` (an nn.Module, exported on the fly after fold, or a path to an .onnx file)
+    and optionally ``compare`` (same kinds) on ONNX Runtime and PyTorch eager.
+
+    ``runs`` timed runs per row (at least ``min_seconds`` of them), after ``warmup`` untimed ones.
+    ``threads``: intra-op threads for ORT and torch (default: each library's own default).
+    """
+    import torch
+
+    from normsurgeon.deploy import ort
+
+    batch_sizes = [int(b) for b in batch_sizes]
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise ModelSpecError("batch sizes must be positive integers, e.g. 1,8,32")
+    choice = ort.choose(provider)
+    rep = BenchReport(provider=choice.name, provider_note=choice.note, precision="fp16" if fp16 else "fp32",
+                      input_shape=[])
+    if threads:
+        torch.set_num_threads(int(threads))
+    if compare is not None:
+        rep.notes.append("sessions timed in turn run with intra-op spinning off (fair interleaving)")
+    with tempfile.TemporaryDirectory(prefix="ns-bench-") as work:
+        targets = [_prepare(model, labels[0], work, input_shape, fp16, rep)]
+        if compare is not None:
+            targets.append(_prepare(compare, labels[1], work, input_shape, fp16, rep))
+        shape = tuple(rep.input_shape)
+        for b in batch_sizes:
+            usable = [t for t in targets if t.static_batch in (None, b)]
+            for t in targets:
+                if t not in usable:
+                    rep.notes.append(f"{t.label}: the .onnx file has a fixed batch {t.static_batch}; batch {b} skipped")
+            if not usable:
+                continue
+            x = np.random.default_rng(0).standard_normal((b, *shape[1:])).astype(np.float32)
+            sessions = [ort.session(t.onnx_path, choice, threads=threads, spinning=len(usable) == 1)
+                        for t in usable]
+            runners = [_ort_runner(s, x, choice) for s in sessions]
+            times = _interleaved(runners, warmup, runs, min_seconds)
+            for t, ts in zip(usable, times):
+                rep.rows.append(_row(t.label, f"ort-{choice.name}", b, ts))
+            del sessions, runners  # idle ORT threads must not compete with the torch rows
+            if torch_eager:
+                eager = [t for t in usable if t.torch_model is not None]
+                dev = "cuda" if choice.device == "cuda" and torch.cuda.is_available() else "cpu"
+                runners = [_torch_runner(t.torch_model, x, dev, fp16) for t in eager]
+                times = _interleaved(runners, max(2, warmup // 2), runs, min_seconds)
+                for t, ts in zip(eager, times):
+                    rep.rows.append(_row(t.label, f"torch-{dev}", b, ts))
+    rep.ratios = _ratios(rep.rows, labels)
+    rep.environment = _environment(choice, threads)
+    return rep
+
+
+def _prepare(model, label: str, work: str, input_shape, fp16: bool, rep: BenchReport) -> _Target:
+    """An .onnx path for ``model``: given, or exported (folded, dynamic batch) into ``work``."""
+    import onnx
+
+    from normsurgeon.graph.probe import default_input_shape
+
+    if isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx"):
+        p = Path(model)
+        if not p.is_file():
+            raise ModelSpecError(f"ONNX file not found: {p}")
+        proto = onnx.load(str(p), load_external_data=False)
+        dims = [d.dim_value if d.HasField("dim_value") else None
+                for d in proto.graph.input[0].type.tensor_type.shape.dim]
+        if not rep.input_shape:
+            rep.input_shape = [1 if d is None else d for d in dims]
+        return _Target(label, str(p), None, dims[0] if dims else None)
+    if not hasattr(model, "forward"):
+        raise ModelSpecError(f"cannot benchmark {type(model).__name__}: pass an nn.Module or an .onnx path")
+    from normsurgeon.deploy.export import export_onnx
+
+    shape = tuple(input_shape) if input_shape else tuple(rep.input_shape) or default_input_shape(model, batch=1)
+    rep.input_shape = list(shape)
+    path = os.path.join(work, f"{label}.onnx")
+    exp = export_onnx(model, path, input_shape=shape, dynamic_batch=True, fp16=fp16, fold=True)
+    rep.notes.append(f"{label}: exported on the fly ({exp.exporter}, folded, {exp.seconds.get('total', 0):.1f} s)")
+    model.eval()
+    return _Target(label, path, model, None)
+
+
+def _ort_runner(sess, x: np.ndarray, choice):
+    """A zero-argument callable running one inference with inputs/outputs bound once."""
+    inp = sess.get_inputs()[0]
+    arr = x.astype(np.float16) if "float16" in inp.type else x
+    dev = "cuda" if choice.device == "cuda" else "cpu"
+    import onnxruntime
+
+    binding = sess.io_binding()
+    value = onnxruntime.OrtValue.ortvalue_from_numpy(arr, dev, 0)
+    binding.bind_ortvalue_input(inp.name, value)
+    for o in sess.get_outputs():
+        binding.bind_output(o.name, dev)
+    sess.run_with_iobinding(binding)  # allocates the outputs once; later runs reuse them
+
+    def run():
+        sess.run_with_iobinding(binding)
+        if dev == "cuda":
+            binding.synchronize_outputs()
+
+    run._keep = (binding, value)  # type: ignore[attr-defined]
+    return run
+
+
+def _torch_runner(model, x: np.ndarray, dev: str, fp16: bool):
+    import torch
+
+    m = model.to(dev).eval()
+    t = torch.from_numpy(x).to(dev)
+    if fp16 and dev == "cuda":
+        m, t = m.half(), t.half()
+
+    def run():
+        with torch.inference_mode():
+            m(t)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def _interleaved(runners, warmup: int, runs: int, min_seconds: float) -> list[list[float]]:
+    for _ in range(max(0, warmup)):
+        for r in runners:
+            r()
+    times: list[list[float]] = [[] for _ in runners]
+    start = time.perf_counter()
+    i = 0
+    while i < max(1, runs) or time.perf_counter() - start < min_seconds:
+        for k, r in enumerate(runners):
+            t0 = time.perf_counter()
+            r()
+            times[k].append(time.perf_counter() - t0)
+        i += 1
+    return times
+
+
+def _row(label: str, backend: str, batch: int, ts: list[float]) -> BenchRow:
+    ms = np.asarray(ts) * 1e3
+    p50 = float(np.percentile(ms, 50))
+    return BenchRow(model=label, backend=backend, batch=batch, p50_ms=round(p50, 4),
+                    p90_ms=round(float(np.percentile(ms, 90)), 4), p99_ms=round(float(np.percentile(ms, 99)), 4),
+                    mean_ms=round(float(ms.mean()), 4), min_ms=round(float(ms.min()), 4),
+                    throughput=round(batch / (p50 / 1e3), 2), runs=len(ts))
+
+
+def _ratios(rows: list[BenchRow], labels) -> list[dict[str, Any]]:
+    out = []
+    base = {(r.backend, r.batch): r for r in rows if r.model == labels[0]}
+    for r in rows:
+        if r.model != labels[1] or (r.backend, r.batch) not in base:
+            continue
+        a = base[(r.backend, r.batch)]
+        out.append({"backend": r.backend, "batch": r.batch, "p50_ratio": round(r.p50_ms / a.p50_ms, 4),
+                    "min_ratio": round(r.min_ms / a.min_ms, 4)})
+    return out
+
+
+def _environment(choice, threads) -> dict[str, Any]:
+    import platform
+
+    import onnxruntime
+    import torch
+
+    env = {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "python": platform.python_version(),
+           "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+           "threads": threads or "default", "ort_providers": [p if isinstance(p, str) else p[0]
+                                                              for p in choice.ort_providers]}
+    if choice.device == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env

@@ -1,0 +1,289 @@
+"""``export_onnx``: fold, export, optimize, check and (optionally) verify an ONNX graph.
+
+Pipeline (ONNX-NOTES.md §7): fold in PyTorch (BN and weight standardization never reach the file) ->
+``torch.onnx.export`` (dynamo by default, opset 20 so GroupNorm keeps the InstanceNorm form ORT runs
+natively; the TorchScript exporter is the fallback and is ~1.5x faster to run) -> constant folding to a
+fixed point (no node with only constant inputs is left) -> the GroupNorm form -> ``onnx.checker`` ->
+ONNX Runtime parity against the unfolded PyTorch model.
+
+Everything is written to a temporary folder beside the target and renamed at the end, so a failed
+export or a failed ``verify`` leaves nothing behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from normsurgeon.errors import NormSurgeonError, VerificationError
+
+EXTERNAL_DATA_BYTES = 1536 << 20  # above this the weights go to PATH.data (protobuf's limit is 2 GiB)
+TOLERANCE = {False: 1e-4, True: 1e-2}  # max |ort - torch| / max |torch|, fp32 / fp16 (issue 3)
+EXPORTERS = ("auto", "dynamo", "torchscript")
+
+
+class ExportError(NormSurgeonError):
+    """torch.onnx could not export the model."""
+
+
+@dataclass
+class ExportReport:
+    path: str
+    data_path: str | None
+    exporter: str
+    opset: int
+    input_shape: list[int]
+    dynamic_batch: bool
+    fp16: bool
+    folded: bool
+    gn_form: str
+    fold: dict[str, Any] | None = None
+    nodes: dict[str, int] = field(default_factory=dict)
+    batchnorm_nodes: int = 0
+    constant_nodes: int = 0
+    groupnorm_nodes: int = 0
+    checker: str = ""
+    bytes: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    verification: dict[str, Any] | None = None
+    graph: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def export_onnx(
+    model,
+    path: str | os.PathLike,
+    *,
+    input_shape: tuple[int, ...] | list[int] | None = None,
+    opset: int = 20,
+    dynamic_batch: bool = False,
+    fp16: bool = False,
+    fold: bool = True,
+    verify: bool = False,
+    exporter: str = "auto",
+    gn_form: str = "conv-affine",
+    keep: tuple[str, ...] | list[str] = (),
+    external_data: bool | None = None,
+    force: bool = False,
+) -> ExportReport:
+    """Export ``model`` (eval mode) to ``path``. See the module docstring for the pipeline.
+
+    ``exporter``: auto (dynamo, falling back to TorchScript if dynamo fails), dynamo or torchscript.
+    ``gn_form``: conv-affine (GroupNorm's per-channel affine as a depthwise 1x1 Conv, fastest on ORT CPU)
+    or instancenorm (the exporter's Mul/Add, the form ORT's CUDA GroupNorm fusion matches).
+    ``verify``: raise VerificationError when ONNX Runtime (CPU) differs from PyTorch by more than 1e-4
+    (fp32) / 1e-2 (fp16) relative; the measured errors are in the report either way.
+    """
+    import torch
+
+    from normsurgeon.deploy import onnx_opt
+    from normsurgeon.graph.probe import default_input_shape, probe_input
+    from normsurgeon.model_io import check_output
+
+    t_start = time.perf_counter()
+    out = check_output(path, force)
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}: use one of {', '.join(EXPORTERS)}")
+    if gn_form not in onnx_opt.GN_FORMS:
+        raise ExportError(f"unknown GroupNorm form {gn_form!r}: use one of {', '.join(onnx_opt.GN_FORMS)}")
+    if not 7 <= int(opset) <= 23:
+        raise ExportError(f"opset {opset} is outside what torch.onnx exports (7..23); 20 is the default")
+    original = model.eval()
+    shape = tuple(int(d) for d in input_shape) if input_shape else default_input_shape(model, batch=1)
+    seconds: dict[str, float] = {}
+    report = ExportReport(path=str(out), data_path=None, exporter=exporter, opset=int(opset),
+                          input_shape=list(shape), dynamic_batch=dynamic_batch, fp16=fp16, folded=fold,
+                          gn_form=gn_form)
+    if fold:
+        from normsurgeon.passes.fold import fold as fold_pass
+
+        t = time.perf_counter()
+        res = fold_pass(model, input_shape=shape, keep=keep)
+        model = res.model
+        seconds["fold"] = time.perf_counter() - t
+        report.fold = {"path": res.path, "summary": res.summary(),
+                       "verification": res.verification.to_dict() if res.verification else None}
+        if res.verification is not None and not res.verification.ok:
+            report.notes.append(f"fold changed outputs by {res.verification.max_rel_error:.1e} relative")
+    model = model.eval()
+    x = probe_input(model, shape)
+    with torch.no_grad():
+        n_out = len(_flatten(model(x)))
+    out_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+
+    t = time.perf_counter()
+    proto, used = _export(model, x, int(opset), dynamic_batch, exporter, out_names, report.notes)
+    report.exporter = used
+    seconds["export"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    proto, graph_info = onnx_opt.optimize(proto, gn_form=gn_form)
+    if fp16:
+        proto = _to_fp16(proto)
+    seconds["optimize"] = time.perf_counter() - t
+    report.graph = graph_info
+    report.nodes = onnx_opt.op_histogram(proto)
+    report.batchnorm_nodes = report.nodes.get("BatchNormalization", 0)
+    report.constant_nodes = len(onnx_opt.constant_nodes(proto))
+    report.groupnorm_nodes = onnx_opt.groupnorm_count(proto)
+    if report.batchnorm_nodes:
+        report.notes.append(f"{report.batchnorm_nodes} BatchNormalization node(s) remain"
+                            + (" (layers kept or not foldable; see `normsurgeon fold`)" if fold else " (--no-fold)"))
+
+    tmpdir = Path(tempfile.mkdtemp(prefix=".ns-export-", dir=out.parent))
+    try:
+        tmp = tmpdir / out.name
+        size = sum(len(t.raw_data) for t in proto.graph.initializer)
+        ext = external_data if external_data is not None else size > EXTERNAL_DATA_BYTES
+        _save(proto, tmp, ext)
+        import onnx
+
+        t = time.perf_counter()
+        onnx.checker.check_model(str(tmp))
+        report.checker = "ok"
+        seconds["check"] = time.perf_counter() - t
+        if verify:
+            t = time.perf_counter()
+            report.verification = _verify(original, tmp, shape, dynamic_batch, fp16)
+            seconds["verify"] = time.perf_counter() - t
+            if not report.verification["ok"]:
+                v = report.verification
+                raise VerificationError(
+                    f"ONNX Runtime output differs from PyTorch by {v['max_rel_error']:.2e} relative "
+                    f"(max abs {v['max_abs_error']:.2e}, limit {v['tolerance']:.0e}); nothing written")
+        data = tmp.with_name(tmp.name + ".data")
+        if data.exists():
+            os.replace(data, out.with_name(out.name + ".data"))
+            report.data_path = str(out.with_name(out.name + ".data"))
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    report.bytes = out.stat().st_size + (Path(report.data_path).stat().st_size if report.data_path else 0)
+    seconds["total"] = time.perf_counter() - t_start
+    report.seconds = {k: round(v, 3) for k, v in seconds.items()}
+    return report
+
+
+def _flatten(out):
+    from normsurgeon.graph.verify import flatten_outputs
+
+    return flatten_outputs(out)
+
+
+def _export(model, x, opset, dynamic_batch, exporter, out_names, notes):
+    """(ModelProto, exporter used)."""
+    if exporter in ("auto", "dynamo"):
+        try:
+            return _dynamo(model, x, opset, dynamic_batch, out_names), "dynamo"
+        except Exception as e:  # noqa: BLE001 - reported; auto falls back
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            if exporter == "dynamo":
+                raise ExportError(f"torch.onnx dynamo export failed ({type(e).__name__}: {first}); "
+                                  "try --exporter torchscript") from None
+            notes.append(f"dynamo export failed ({type(e).__name__}: {first}); used the TorchScript exporter")
+    try:
+        return _torchscript(model, x, min(opset, 20), dynamic_batch, out_names), "torchscript"
+    except Exception as e:  # noqa: BLE001
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ExportError(f"torch.onnx export failed ({type(e).__name__}: {first})") from None
+
+
+@contextlib.contextmanager
+def _quiet():
+    import logging
+
+    buf = io.StringIO()
+    prev = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(prev)
+
+
+def _dynamo(model, x, opset, dynamic_batch, out_names):
+    import torch
+
+    dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    with _quiet():
+        prog = torch.onnx.export(model, (x,), None, dynamo=True, opset_version=opset, input_names=["input"],
+                                 output_names=out_names, dynamic_shapes=dyn, optimize=True, verbose=False)
+    return prog.model_proto
+
+
+def _torchscript(model, x, opset, dynamic_batch, out_names):
+    import onnx
+    import torch
+
+    axes = {n: {0: "batch"} for n in ["input", *out_names]} if dynamic_batch else None
+    with tempfile.TemporaryDirectory() as d, _quiet():
+        p = os.path.join(d, "model.onnx")
+        torch.onnx.export(model, (x,), p, dynamo=False, opset_version=opset, input_names=["input"],
+                          output_names=out_names, dynamic_axes=axes, do_constant_folding=True)
+        return onnx.load(p)
+
+
+def _save(proto, path: Path, external: bool) -> None:
+    import onnx
+
+    if external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def _to_fp16(proto):
+    """fp16 weights and compute, fp32 inputs/outputs (casts at the boundary)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from normsurgeon.deploy.onnx_opt import topological_sort
+
+    with _quiet():
+        proto = convert_float_to_float16(proto, keep_io_types=True)
+    topological_sort(proto)
+    return proto
+
+
+def _verify(model, onnx_path: Path, shape, dynamic_batch: bool, fp16: bool) -> dict[str, Any]:
+    """ONNX Runtime (CPU EP) against the PyTorch model on fresh random inputs."""
+    import torch
+
+    from normsurgeon.deploy import ort
+    from normsurgeon.graph.probe import probe_input
+
+    sess = ort.session(str(onnx_path), ort.choose("cpu"))
+    shapes = [tuple(shape)] + ([(shape[0] + 1, *shape[1:])] if dynamic_batch else [])
+    per_output: list[dict] = []
+    for s in shapes:
+        x = probe_input(model, s, seed=1)
+        with torch.no_grad():
+            refs = [r.double() for r in _flatten(model(x))]
+        got = [torch.from_numpy(o).double() for o in ort.run(sess, x)]
+        if len(got) != len(refs):
+            raise VerificationError(f"the ONNX graph has {len(got)} outputs, PyTorch {len(refs)}")
+        for i, (r, g) in enumerate(zip(refs, got)):
+            if tuple(r.shape) != tuple(g.shape):
+                raise VerificationError(f"output {i}: ONNX shape {tuple(g.shape)} != PyTorch {tuple(r.shape)}")
+            err = (r - g).abs().max().item()
+            scale = r.abs().max().item() or 1.0
+            l2 = ((r - g).norm() / (r.norm() or 1.0)).item()
+            per_output.append({"output": i, "batch": s[0], "max_abs_error": err, "max_rel_error": err / scale,
+                               "rel_l2": l2})
+    tol = TOLERANCE[bool(fp16)]
+    worst = max(per_output, key=lambda d: d["max_rel_error"])
+    return {"provider": "cpu", "tolerance": tol, "max_abs_error": max(d["max_abs_error"] for d in per_output),
+            "max_rel_error": worst["max_rel_error"], "ok": worst["max_rel_error"] <= tol, "outputs": per_output}

@@ -1,0 +1,107 @@
+"""Convert options for training from scratch ("Revisiting Batch Normalization", Davis & Frank,
+ECCV 2022; osu-cvl/revisiting-bn ``batch_norm.py``/``networks.py``):
+
+- ``init="revisited"``: every normalization layer's scale gamma = 0.1 and shift beta = 0 (instead
+  of 1 and 0); proxy-norm's own gamma~/beta~ are left at their init. Train the scales at lr/100 with
+  :func:`normsurgeon.training.revisited_param_groups`.
+- ``input_norm=True``: prepend the online BN-based input normalization
+  (:class:`normsurgeon.layers.InputNorm`, gamma 0.058, beta frozen at 0) before the first layer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from normsurgeon.errors import RecipeError
+from normsurgeon.graph.modules import set_submodule
+from normsurgeon.report import Change
+
+INIT_CHOICES = ("revisited",)
+REVISITED_GAMMA = 0.1  # revisiting-bn: bn_weight = 0.1
+INPUT_NORM_NAME = "input_norm"
+
+
+def check_init(init: str | None) -> None:
+    if init is not None and init not in INIT_CHOICES:
+        raise RecipeError(f"unknown --init {init!r}; valid: {', '.join(INIT_CHOICES)}")
+
+
+def _norm_with_scale(m: nn.Module) -> bool:
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.instancenorm import _InstanceNorm
+
+    import normsurgeon.layers as L
+
+    types = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, L.EstimatedBatchNorm, L.ChannelGroupNorm,
+             L.BatchGroupNorm, L.GeneralizedBatchNorm, L.FrozenBatchNorm)
+    return isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor)
+
+
+def apply_init(model: nn.Module, init: str | None, changes: list[Change]) -> None:
+    """Re-initialize every normalization layer's affine (gamma 0.1, beta 0) for ``revisited``."""
+    check_init(init)
+    if init is None:
+        return
+    for name, m in model.named_modules():
+        if not _norm_with_scale(m):
+            continue
+        with torch.no_grad():
+            m.weight.fill_(REVISITED_GAMMA)
+            if isinstance(getattr(m, "bias", None), torch.Tensor):
+                m.bias.zero_()
+        changes.append(Change(name, "initialized", type(m).__name__, type(m).__name__,
+                              f"revisited init: weight {REVISITED_GAMMA}, bias 0"))
+
+
+def prepend_input_norm(model: nn.Module, x: torch.Tensor, changes: list[Change]) -> None:
+    """Put an InputNorm over the model input's channels before the first layer (in place)."""
+    from normsurgeon.layers.input_norm import InputNorm
+
+    like = x
+    norm = InputNorm(x.shape[1]).to(device=like.device, dtype=like.dtype)
+    if isinstance(model, fx.GraphModule):
+        placeholders = [n for n in model.graph.nodes if n.op == "placeholder"]
+        if not placeholders:
+            changes.append(Change("<input>", "skipped", "", "", "no input placeholder to normalize"))
+            return
+        first = placeholders[0]
+        model.add_submodule(INPUT_NORM_NAME, norm)
+        with model.graph.inserting_after(placeholders[-1]):
+            new = model.graph.call_module(INPUT_NORM_NAME, (first,))
+        first.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        model.graph.lint()
+        model.recompile()
+        changes.append(Change(INPUT_NORM_NAME, "inserted", "", f"InputNorm({x.shape[1]})",
+                              "online input normalization before the first layer"))
+        return
+    name = _sole_input_consumer(model, x)
+    if name is None:
+        changes.append(Change("<input>", "skipped", "", "",
+                              "no single module consumes the raw input: cannot prepend input normalization"))
+        return
+    inner = model.get_submodule(name)
+    set_submodule(model, name, nn.Sequential(norm, inner))
+    changes.append(Change(name, "inserted", type(inner).__name__, f"InputNorm({x.shape[1]}) + {type(inner).__name__}",
+                          "online input normalization before the first layer"))
+
+
+def _sole_input_consumer(model: nn.Module, x: torch.Tensor) -> str | None:
+    seen: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+    leaves = {m for m in model.modules() if not list(m.children())}
+
+    def pre(mod, args):
+        if mod in leaves and args and args[0] is x and names.get(mod):
+            seen.append(names[mod])
+
+    handles = [m.register_forward_pre_hook(pre) for m in leaves]
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return seen[0] if len(set(seen)) == 1 and len(seen) == 1 else None
