@@ -206,6 +206,7 @@ def _rebuild(manifest: dict, state_dict: dict, path: Path):
     model = build_from_spec(source)
     model = replay(model, manifest.get("steps", []))
     _load_state(model, state_dict, str(path))
+    setattr(model, provenance.ATTR, json.loads(json.dumps(manifest)))  # keep value-only steps too
     return model
 
 

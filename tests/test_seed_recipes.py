@@ -4,10 +4,8 @@ import copy
 
 import pytest
 import torch
-from torch import fx
 
 import normsurgeon
-from normsurgeon.graph.trace import NormTracer
 from normsurgeon.graph.verify import batch_independence_error, output_error
 from normsurgeon.layers import (BatchGroupNorm, ChannelGroupNorm, EstimatedBatchNorm, GeneralizedBatchNorm,
                                 GhostBatchNorm, ProxyNorm)
@@ -80,21 +78,12 @@ def test_proxy_norm_after_fused_activation_in_timm():
     assert all(p.affine_source.weight.numel() == p.num_features for p in posts)
 
 
-def _retraced(model):
-    """Until try_trace re-traces GraphModules, fold cannot see inside BCN's container (reported)."""
-    tracer = NormTracer()
-    graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, "retraced")
-
-
 @pytest.mark.parametrize("recipe,left", [
     ("ln+pn", ()), ("gn+ws+pn", ()), ("bcn", (ChannelGroupNorm,)), ("bgn", ()), ("ghost", ()),
     ("bn+gn", ()), ("ebn:0", ()), ("ebn:0.5", (GeneralizedBatchNorm,)),
 ])
 def test_fold_removes_what_methods_says(resnet, recipe, left):
     model = normsurgeon.convert(copy.deepcopy(resnet).double(), recipe, input_shape=SHAPE).model
-    if recipe == "bcn":
-        model = _retraced(model)
     res = normsurgeon.fold(model, input_shape=SHAPE)
     assert res.verification.max_rel_error <= 1e-5
     x = torch.randn(SHAPE, dtype=torch.float64)
@@ -121,3 +110,28 @@ def test_save_load_round_trip_with_a_spec(tmp_path, recipe):
     if recipe == "ln+pn":
         pn = back.bn1_post
         assert pn.affine_source is back.bn1  # the link survives rebuild + load_state_dict
+
+
+@pytest.mark.parametrize("recipe", SEED_RECIPES)
+def test_batchnorm1d_on_features(recipe):
+    """(N, C) inputs: no spatial axes, groups chosen from channels (opacus#567)."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    model = normsurgeon.convert(mlp, recipe, input_shape=(2, 6)).model.train()
+    x = torch.randn(2, 6)
+    out = model(x)
+    out.square().sum().backward()
+    assert torch.isfinite(out).all() and out.std() > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert batch_independence_error(model, x) <= 1e-5
+
+
+def test_recipe_arguments_are_checked():
+    from normsurgeon.errors import RecipeError
+    from normsurgeon.recipes import parse_recipe
+
+    assert parse_recipe("ebn").arg == 0.5 and parse_recipe("ebn:0.2").arg == 0.2
+    assert parse_recipe("ghost").arg == 16 and parse_recipe("bgn:8").arg == 8
+    for bad in ("ebn:1.5", "ghost:0", "bgn:x", "bn+gn:4", "ln+pn:2"):
+        with pytest.raises(RecipeError):
+            parse_recipe(bad)

@@ -49,5 +49,11 @@ def register(app: typer.Typer) -> None:
         else:
             out.print(f"torch.fx: [yellow]not traceable[/] ({common.escape(rep.trace_error or '')}); "
                       "convert/fold take the module-swap path")
+        rt = Table(title="recipes (convert --to)")
+        for col in ("recipe", "what it does", "fold removes it"):
+            rt.add_column(col, overflow="fold")
+        for r in rep.recipes:
+            rt.add_row(r["recipe"], r["summary"], r["folds"])
+        out.print(rt)
         for note in rep.notes:
             out.print(f"note: {common.escape(note)}")

@@ -128,6 +128,18 @@ def bench(
     return rep
 
 
+def time_onnx(paths: dict[str, str], x: np.ndarray, *, provider: str = "cpu", warmup: int = 10, runs: int = 50,
+              threads: int | None = None) -> dict[str, BenchRow]:
+    """Time several .onnx files on the same input, interleaved run by run (for benchmark scripts)."""
+    from normsurgeon.deploy import ort
+
+    choice = ort.choose(provider)
+    sessions = {k: ort.session(p, choice, threads=threads, spinning=len(paths) == 1) for k, p in paths.items()}
+    runners = [_ort_runner(s, x, choice) for s in sessions.values()]
+    times = _interleaved(runners, warmup, runs, 0.0)
+    return {k: _row(k, f"ort-{choice.name}", x.shape[0], ts) for k, ts in zip(sessions, times)}
+
+
 def _prepare(model, label: str, work: str, input_shape, fp16: bool, rep: BenchReport) -> _Target:
     """An .onnx path for ``model``: given, or exported (folded, dynamic batch) into ``work``."""
     import onnx

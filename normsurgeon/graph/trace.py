@@ -49,9 +49,10 @@ class TraceResult:
 
 
 def try_trace(model: nn.Module) -> TraceResult:
-    """Symbolically trace ``model`` (norm layers as leaves). Never raises on tracing failures."""
-    if isinstance(model, fx.GraphModule):
-        return TraceResult(model, None)
+    """Symbolically trace ``model`` (norm layers as leaves). Never raises on tracing failures.
+
+    A GraphModule is traced again too: containers that earlier passes put in (NormAct, BCN's
+    Sequential) then show up as their parts."""
     tracer = NormTracer()
     try:
         graph = tracer.trace(model)

@@ -163,7 +163,7 @@ def _convert_fx(gm: fx.GraphModule, recipe, overrides, keep, uses, changes) -> N
             changes.append(Change(name, "skipped", describe(bn), describe(bn), err))
             continue
         post = None
-        notes = list(ctx.notes)
+        notes = ctx.notes  # after_activation builders may still add notes
         _, fused_act = bn_extras(bn)
         if rep.after_activation is not None:
             if fused_act is not None:
@@ -198,6 +198,8 @@ def _convert_fx(gm: fx.GraphModule, recipe, overrides, keep, uses, changes) -> N
 def _activation_after(node: fx.Node, modules: dict[str, nn.Module]):
     """The activation node consuming ``node`` (sole user), as (node, equivalent module) or (None, None)."""
     users = list(node.users)
+    while len(users) == 1 and users[0].op == "call_module" and isinstance(modules.get(users[0].target), nn.Identity):
+        users = list(users[0].users)  # timm blocks put Identity placeholders (drop_block, aa) in between
     if len(users) != 1:
         return None, None
     u = users[0]
@@ -297,7 +299,7 @@ def _convert_swap(model: nn.Module, recipe, overrides, keep, uses, changes) -> N
         if rep is None:
             changes.append(Change(name, "skipped", describe(bn), describe(bn), err))
             continue
-        notes = list(ctx.notes)
+        notes = ctx.notes  # after_activation builders may still add notes
         post = None
         _, fused_act = bn_extras(bn)
         if rep.after_activation is not None:
@@ -327,9 +329,10 @@ def _convert_swap(model: nn.Module, recipe, overrides, keep, uses, changes) -> N
 
 
 def _sole_activation_consumer(use: ModuleUse | None, modules, uses) -> str | None:
-    if use is None or len(use.consumers) != 1:
+    consumers = [c for c in use.consumers if not isinstance(modules.get(c), nn.Identity)] if use else []
+    if len(consumers) != 1:
         return None
-    name = use.consumers[0]
+    name = consumers[0]
     act_use = uses.get(name)
     if isinstance(modules.get(name), ACTIVATION_TYPES) and act_use is not None and act_use.calls == 1:
         return name

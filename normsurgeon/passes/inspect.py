@@ -15,6 +15,7 @@ from torch import fx, nn
 from normsurgeon.errors import NormSurgeonError
 from normsurgeon.graph.probe import observe, probe_input
 from normsurgeon.graph.trace import try_trace
+from normsurgeon.recipes import all_recipes
 
 
 def norm_types() -> tuple[type, ...]:
@@ -57,6 +58,7 @@ class InspectReport:
     recipe: str = ""
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    recipes: list[dict[str, str]] = field(default_factory=list)  # every --to recipe, one line each
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -70,6 +72,7 @@ def inspect(model: nn.Module, to: str = "gn+ws", input_shape=None) -> InspectRep
     rep = InspectReport(
         model=type(model).__name__, traceable=traced.ok, trace_error=traced.error,
         path="fx" if traced.ok else "module-swap", input_shape=list(x.shape), recipe=to,
+        recipes=[{"recipe": e.usage(), "summary": e.summary, "folds": e.folds} for e in all_recipes()],
     )
     modules = dict(model.named_modules())
     neighbours = _fx_neighbours(traced.graph_module, types) if traced.ok else {}
