@@ -3,11 +3,11 @@ cost of a gn+ws conversion in each GroupNorm graph form.
 
     python benchmarks/deploy_r50.py [--runs 60] [--batch 1] [--threads 2]
 
-Rows (all timed interleaved in one process, so machine load hits them alike):
+Rows (all timed in rotation in one process, so machine load hits them alike):
   torch-dynamo   torch.onnx.export(dynamo=True) of the original model (BN folded by the exporter)
   ns-bn          normsurgeon export (fold + export + optimize) of the same model
   ns-gnws-conv   convert --to gn+ws, then normsurgeon export, GroupNorm affine as depthwise 1x1 Conv
-  ns-gnws-in     same, exporter's Mul/Add affine (--gn-form instancenorm)
+  ns-gnws-in     same, exporter's Mul/Add affine (--channel-affine mul-add)
   torch-gnws     torch.onnx.export(dynamo=True) of the gn+ws model as is (WS unfolded)
 Targets (issue 3): ns-bn / torch-dynamo <= 1.03; ns-gnws / ns-bn <= 1.25 on ORT CPU.
 """
@@ -24,7 +24,6 @@ import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -44,6 +43,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--block", type=int, default=10, help="runs per model in rotation (1: run-by-run, spinning off)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -70,8 +70,8 @@ def main() -> None:
         res = normsurgeon.fold(model, input_shape=shape)
         timings["fold R50, best of 3 incl. verification (s)"] = min(fold_times)
         timings["fold R50, pass alone (s)"] = res.info["fold_seconds"]
-        for label, m, kw in [("ns-bn", model, {}), ("ns-gnws-conv", gnws, {"gn_form": "conv-affine"}),
-                             ("ns-gnws-in", gnws, {"gn_form": "instancenorm"})]:
+        for label, m, kw in [("ns-bn", model, {}), ("ns-gnws-conv", gnws, {"channel_affine": "conv"}),
+                             ("ns-gnws-in", gnws, {"channel_affine": "mul-add"})]:
             rep = normsurgeon.export_onnx(m, f"{d}/{label}.onnx", input_shape=shape, verify=True, **kw)
             timings[f"{label} export total (s)"] = rep.seconds["total"]
             timings[f"{label} ORT max rel error"] = rep.verification["max_rel_error"]
@@ -79,10 +79,11 @@ def main() -> None:
         torch_export(gnws, x, f"{d}/torch-gnws.onnx")
         paths["torch-gnws"] = f"{d}/torch-gnws.onnx"
         rows = time_onnx(paths, x.numpy(), provider="cpu", warmup=args.warmup, runs=args.runs,
-                         threads=args.threads)
+                         threads=args.threads, block=args.block)
     base_t, base_n = rows["torch-dynamo"], rows["ns-bn"]
+    mode = f"blocks of {args.block} in rotation" if args.block > 1 else "interleaved run by run"
     print(f"ResNet-50, ORT CPU EP, batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, "
-          f"{args.runs} interleaved runs")
+          f"{args.runs} runs per graph, {mode}")
     print(f"{'graph':14s} {'p50 ms':>8s} {'min ms':>8s} {'p90 ms':>8s} {'p50/torch':>10s} {'p50/ns-bn':>10s} "
           f"{'min/ns-bn':>10s}")
     for k, r in rows.items():

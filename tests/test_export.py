@@ -86,16 +86,16 @@ def test_no_fold_keeps_bn_and_says_so(tmp_path):
     assert rep.batchnorm_nodes == 0 and rep.verification["ok"]
 
 
-@pytest.mark.parametrize("gn_form", ["conv-affine", "instancenorm"])
-def test_gn_ws_model_exports_plain_convs_and_instancenorm(tmp_path, gn_form):
+@pytest.mark.parametrize("form", ["conv", "mul-add"])
+def test_gn_ws_model_exports_plain_convs_and_instancenorm(tmp_path, form):
     model = _gnws()
-    rep = normsurgeon.export_onnx(model, tmp_path / "g.onnx", input_shape=(1, 3, 12, 12), gn_form=gn_form,
+    rep = normsurgeon.export_onnx(model, tmp_path / "g.onnx", input_shape=(1, 3, 12, 12), channel_affine=form,
                                   exporter="torchscript", verify=True)
     assert rep.constant_nodes == 0 and rep.groupnorm_nodes == 2
     assert rep.fold["summary"] == {"folded": 2, "kept": 2}  # WS precomputed; GroupNorm stays
     ops = rep.nodes
     assert ops["InstanceNormalization"] == 2
-    if gn_form == "conv-affine":
+    if form == "conv":
         assert ops["Conv"] == 4 and "Mul" not in ops  # 2 convs + 2 GroupNorm affines
     else:
         assert ops["Conv"] == 2 and ops["Mul"] == 2
@@ -163,3 +163,33 @@ def test_zoo_onnx_parity_cpu(tmp_path, spec):
                                   verify=True)
     assert rep.verification["ok"], rep.verification
     assert rep.batchnorm_nodes == 0 and rep.constant_nodes == 0
+
+
+class CatBN(nn.Module):
+    """DenseNet's pattern: BN after a concat cannot fold; its ChannelAffine leftover becomes a depthwise conv."""
+
+    def __init__(self, conv=nn.Conv2d, bn=nn.BatchNorm2d):
+        super().__init__()
+        self.a, self.b = conv(3, 8, 3, padding=1), conv(3, 8, 1)
+        self.bn = bn(16)
+        self.c = conv(16, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1))))
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_leftover_channel_affine_exports_as_depthwise_conv(tmp_path, dims):
+    conv, bn, shape = (nn.Conv1d, nn.BatchNorm1d, (2, 3, 10)) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d, (2, 3, 6, 6))
+    model = randomize_norm_stats(CatBN(conv, bn)).eval()
+    rep = normsurgeon.export_onnx(model, tmp_path / "c.onnx", input_shape=shape, exporter="torchscript", verify=True)
+    assert rep.fold["summary"] == {"affine": 1}
+    assert "Mul" not in rep.nodes and rep.nodes["Conv"] == 4 and rep.graph["channel_affines_as_conv"] == 1
+    assert rep.verification["ok"]
+
+
+def test_opset_21_emits_the_groupnormalization_op(tmp_path):
+    rep = normsurgeon.export_onnx(_gnws(), tmp_path / "g21.onnx", input_shape=(1, 3, 8, 8), opset=21,
+                                  exporter="dynamo", verify=True)
+    assert rep.nodes.get("GroupNormalization") == 2 and "InstanceNormalization" not in rep.nodes
+    assert rep.groupnorm_nodes == 2 and rep.verification["ok"] and rep.constant_nodes == 0

@@ -44,7 +44,7 @@ def _gn_numpy(x, g, gamma, beta, eps=1e-5):
 def test_gn_affine_becomes_one_depthwise_conv_exactly():
     model, gamma, beta = _gn_graph()
     x = np.random.default_rng(1).normal(3.0, 0.1, (2, 8, 5, 5)).astype(np.float32)  # large mean, small var
-    assert onnx_opt.gn_affine_to_conv(model) == 1
+    assert onnx_opt.channel_affine_to_conv(model) == 1
     ops = onnx_opt.op_histogram(model)
     assert "Mul" not in ops and "Add" not in ops and ops["Conv"] == 1
     onnx.checker.check_model(model)
@@ -57,7 +57,7 @@ def test_gn_affine_rewrite_leaves_other_patterns_alone():
     model, _, _ = _gn_graph()
     mul = next(n for n in model.graph.node if n.op_type == "Mul")
     model.graph.node.append(helper.make_node("Identity", [mul.output[0]], ["side"]))  # Mul has 2 users now
-    assert onnx_opt.gn_affine_to_conv(model) == 0
+    assert onnx_opt.channel_affine_to_conv(model) == 0
 
 
 def test_constant_subgraphs_fold_to_a_fixed_point():

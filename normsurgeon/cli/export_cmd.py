@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         keep: List[str] = typer.Option([], "--keep", help="Layers fold leaves alone (glob, repeatable)."),
         verify: bool = typer.Option(False, "--verify", help="Run ONNX Runtime against PyTorch; fail beyond 1e-4 (fp32) / 1e-2 (fp16) relative."),
         exporter: str = typer.Option("auto", "--exporter", help="auto (dynamo, TorchScript fallback), dynamo or torchscript."),
-        gn_form: str = typer.Option("conv-affine", "--gn-form", help="GroupNorm affine as a depthwise 1x1 Conv (conv-affine, fastest on ORT CPU) or the exporter's Mul/Add (instancenorm)."),
+        channel_affine: str = typer.Option("conv", "--channel-affine", help="Per-channel affines (GroupNorm's, fold's leftovers) as a depthwise 1x1 Conv (conv, fastest on ORT CPU) or the exporter's Mul/Add (mul-add, what ORT's CUDA GroupNorm fusion matches)."),
         force: bool = common.force_opt(),
         as_json: bool = common.json_opt(),
     ) -> None:
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         with common.status("exporting"):
             rep = export_onnx(m, output, input_shape=parse_shape(input_shape), opset=opset,
                               dynamic_batch=dynamic_batch, fp16=fp16, fold=not no_fold, verify=verify,
-                              exporter=exporter, gn_form=gn_form, keep=tuple(keep), force=force)
+                              exporter=exporter, channel_affine=channel_affine, keep=tuple(keep), force=force)
         if as_json:
             common.print_json(rep.to_dict())
             return
@@ -65,7 +65,8 @@ def _render(rep) -> None:
     mark = lambda ok: "[green]ok[/]" if ok else "[red]no[/]"  # noqa: E731
     out.print(f"BatchNormalization nodes: {rep.batchnorm_nodes} {mark(rep.batchnorm_nodes == 0)}; "
               f"constant-only nodes: {rep.constant_nodes} {mark(rep.constant_nodes == 0)}; "
-              f"GroupNorm layers: {rep.groupnorm_nodes} ({rep.gn_form}); checker: {rep.checker}")
+              f"GroupNorm layers: {rep.groupnorm_nodes}; per-channel affines: {rep.channel_affine}; "
+              f"checker: {rep.checker}")
     v = rep.verification
     if v:
         out.print(f"verify (ORT {v['provider']} vs PyTorch): max rel error {v['max_rel_error']:.2e}, "

@@ -129,14 +129,32 @@ def bench(
 
 
 def time_onnx(paths: dict[str, str], x: np.ndarray, *, provider: str = "cpu", warmup: int = 10, runs: int = 50,
-              threads: int | None = None) -> dict[str, BenchRow]:
-    """Time several .onnx files on the same input, interleaved run by run (for benchmark scripts)."""
+              threads: int | None = None, block: int = 1) -> dict[str, BenchRow]:
+    """Time several .onnx files on the same input, in turn (for benchmark scripts).
+
+    ``block=1``: strictly interleaved run by run, intra-op spinning off. ``block=k>1``: blocks of k runs
+    per model in rotation, spinning on (ORT's default, what a deployed session gets); the first run of
+    each block is dropped (it pays for the other session's threads going idle)."""
     from normsurgeon.deploy import ort
 
     choice = ort.choose(provider)
-    sessions = {k: ort.session(p, choice, threads=threads, spinning=len(paths) == 1) for k, p in paths.items()}
+    spin = block > 1 or len(paths) == 1
+    sessions = {k: ort.session(p, choice, threads=threads, spinning=spin) for k, p in paths.items()}
     runners = [_ort_runner(s, x, choice) for s in sessions.values()]
-    times = _interleaved(runners, warmup, runs, 0.0)
+    if block <= 1:
+        times = _interleaved(runners, warmup, runs, 0.0)
+    else:
+        times = [[] for _ in runners]
+        for r in runners:
+            for _ in range(warmup):
+                r()
+        while len(times[0]) < runs:
+            for k, r in enumerate(runners):
+                for i in range(block + 1):
+                    t0 = time.perf_counter()
+                    r()
+                    if i:
+                        times[k].append(time.perf_counter() - t0)
     return {k: _row(k, f"ort-{choice.name}", x.shape[0], ts) for k, ts in zip(sessions, times)}
 
 

@@ -44,7 +44,7 @@ class ExportReport:
     dynamic_batch: bool
     fp16: bool
     folded: bool
-    gn_form: str
+    channel_affine: str
     fold: dict[str, Any] | None = None
     nodes: dict[str, int] = field(default_factory=dict)
     batchnorm_nodes: int = 0
@@ -72,7 +72,7 @@ def export_onnx(
     fold: bool = True,
     verify: bool = False,
     exporter: str = "auto",
-    gn_form: str = "conv-affine",
+    channel_affine: str = "conv",
     keep: tuple[str, ...] | list[str] = (),
     external_data: bool | None = None,
     force: bool = False,
@@ -80,8 +80,9 @@ def export_onnx(
     """Export ``model`` (eval mode) to ``path``. See the module docstring for the pipeline.
 
     ``exporter``: auto (dynamo, falling back to TorchScript if dynamo fails), dynamo or torchscript.
-    ``gn_form``: conv-affine (GroupNorm's per-channel affine as a depthwise 1x1 Conv, fastest on ORT CPU)
-    or instancenorm (the exporter's Mul/Add, the form ORT's CUDA GroupNorm fusion matches).
+    ``channel_affine``: conv (per-channel Mul/Add pairs, e.g. GroupNorm's affine or fold's leftover
+    ChannelAffine, as one depthwise 1x1 Conv: fastest on ORT CPU) or mul-add (the exporter's form, which
+    ORT's CUDA GroupNorm fusion matches).
     ``verify``: raise VerificationError when ONNX Runtime (CPU) differs from PyTorch by more than 1e-4
     (fp32) / 1e-2 (fp16) relative; the measured errors are in the report either way.
     """
@@ -95,8 +96,9 @@ def export_onnx(
     out = check_output(path, force)
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}: use one of {', '.join(EXPORTERS)}")
-    if gn_form not in onnx_opt.GN_FORMS:
-        raise ExportError(f"unknown GroupNorm form {gn_form!r}: use one of {', '.join(onnx_opt.GN_FORMS)}")
+    if channel_affine not in onnx_opt.CHANNEL_AFFINE_FORMS:
+        raise ExportError(f"unknown channel-affine form {channel_affine!r}: use one of "
+                          f"{', '.join(onnx_opt.CHANNEL_AFFINE_FORMS)}")
     if not 7 <= int(opset) <= 23:
         raise ExportError(f"opset {opset} is outside what torch.onnx exports (7..23); 20 is the default")
     original = model.eval()
@@ -104,7 +106,7 @@ def export_onnx(
     seconds: dict[str, float] = {}
     report = ExportReport(path=str(out), data_path=None, exporter=exporter, opset=int(opset),
                           input_shape=list(shape), dynamic_batch=dynamic_batch, fp16=fp16, folded=fold,
-                          gn_form=gn_form)
+                          channel_affine=channel_affine)
     if fold:
         from normsurgeon.passes.fold import fold as fold_pass
 
@@ -128,7 +130,7 @@ def export_onnx(
     seconds["export"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    proto, graph_info = onnx_opt.optimize(proto, gn_form=gn_form)
+    proto, graph_info = onnx_opt.optimize(proto, channel_affine=channel_affine)
     if fp16:
         proto = _to_fp16(proto)
     seconds["optimize"] = time.perf_counter() - t
@@ -176,9 +178,11 @@ def export_onnx(
 
 
 def _flatten(out):
-    from normsurgeon.graph.verify import flatten_outputs
+    """Floating tensors of a model output in the order torch.onnx emits them (dicts in insertion order)."""
+    import torch
+    from torch.utils._pytree import tree_leaves
 
-    return flatten_outputs(out)
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def _export(model, x, opset, dynamic_batch, exporter, out_names, notes):
@@ -192,6 +196,8 @@ def _export(model, x, opset, dynamic_batch, exporter, out_names, notes):
                 raise ExportError(f"torch.onnx dynamo export failed ({type(e).__name__}: {first}); "
                                   "try --exporter torchscript") from None
             notes.append(f"dynamo export failed ({type(e).__name__}: {first}); used the TorchScript exporter")
+    if opset > 20:
+        notes.append(f"the TorchScript exporter stops at opset 20 (asked {opset}); exported at 20")
     try:
         return _torchscript(model, x, min(opset, 20), dynamic_batch, out_names), "torchscript"
     except Exception as e:  # noqa: BLE001

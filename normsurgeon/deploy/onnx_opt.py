@@ -1,10 +1,10 @@
-"""Post-export ONNX graph work: constant folding to a fixed point, the GroupNorm graph form, checks.
+"""Post-export ONNX graph work: constant folding to a fixed point, the per-channel affine form, checks.
 
 Facts this relies on (ONNX-NOTES.md §1-2): opset <= 20 exports GroupNorm as Reshape ->
 InstanceNormalization -> Reshape -> Mul(gamma) -> Add(beta); onnxscript's constant folder skips inputs
 over 8,192 elements, so weight-only subgraphs can survive an export; ORT's CPU EP runs convs in the
-NCHWc layout and a per-channel Mul/Add pair after a GroupNorm costs two extra passes where a depthwise
-1x1 Conv (with the following Relu fused by ORT) costs one (measured: benchmarks/deploy_gn_forms.py).
+NCHWc layout, and a per-channel Mul/Add pair costs two extra passes (and layout reorders) where a
+depthwise 1x1 Conv (with the following Relu fused by ORT) costs one (benchmarks/deploy_r50.py).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-GN_FORMS = ("conv-affine", "instancenorm")
+CHANNEL_AFFINE_FORMS = ("conv", "mul-add")
 
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
@@ -98,64 +98,77 @@ def groupnorm_count(model: onnx.ModelProto) -> int:
     return sum(1 for n in model.graph.node if n.op_type in ("InstanceNormalization", "GroupNormalization"))
 
 
-def gn_affine_to_conv(model: onnx.ModelProto) -> int:
-    """Rewrite the per-channel ``Mul(gamma) -> Add(beta)`` after each exported GroupNorm
-    (InstanceNormalization -> Reshape) into one depthwise 1x1 Conv with bias. Exact: the same two
-    float operations per element. Returns the number of rewrites."""
+def channel_affine_to_conv(model: onnx.ModelProto) -> int:
+    """Rewrite each per-channel ``Mul(x, gamma) -> Add(beta)`` with constant (C, 1, ..., 1) gamma/beta on
+    an (N, C, ...) tensor (GroupNorm's affine after the exporter's InstanceNorm form, fold's leftover
+    ChannelAffine) into one depthwise 1x1 Conv with bias: one pass instead of two, the following Relu
+    fuses into it, and on ORT's CPU EP it stays in the NCHWc layout of the surrounding convs. Exact:
+    the same multiply and add per element. Returns the number of rewrites."""
+    from onnx import shape_inference
+
     g = model.graph
     init = {t.name: t for t in g.initializer}
+    try:
+        inferred = shape_inference.infer_shapes(model).graph
+        ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*inferred.value_info, *inferred.input]
+                 if v.type.tensor_type.HasField("shape")}
+    except Exception:  # noqa: BLE001 - no shapes, no rewrite
+        return 0
     users: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
         for i in n.input:
             users.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
 
-    def sole_user(name: str, op: str):
-        u = users.get(name, [])
-        return u[0] if len(u) == 1 and u[0].op_type == op and name not in {o.name for o in g.output} else None
-
-    def const_vec(n: onnx.NodeProto, data_in: str):
+    def per_channel(n: onnx.NodeProto, data_in: str, rank: int | None):
+        """The constant operand as (C, 1, ..., 1) for an (N, C, ...) input of ``rank``, else None."""
         other = [i for i in n.input if i != data_in]
-        if len(n.input) != 2 or len(other) != 1 or other[0] not in init:
+        if rank is None or len(n.input) != 2 or len(other) != 1 or other[0] not in init:
             return None
         arr = numpy_helper.to_array(init[other[0]])
-        if arr.ndim < 2 or any(d != 1 for d in arr.shape[1:]) or arr.dtype != np.float32:
+        if arr.ndim == rank and arr.shape[0] == 1:
+            arr = arr.reshape(arr.shape[1:])
+        if arr.ndim != rank - 1 or rank < 3 or any(d != 1 for d in arr.shape[1:]) or arr.dtype != np.float32:
             return None
         return arr
 
-    rewrites = 0
     replace: dict[int, onnx.NodeProto] = {}
     drop: set[int] = set()
-    for n in g.node:
-        if n.op_type not in ("InstanceNormalization",):
+    for mul in g.node:
+        if mul.op_type != "Mul" or len(mul.input) != 2:
             continue
-        r2 = sole_user(n.output[0], "Reshape")
-        mul = sole_user(r2.output[0], "Mul") if r2 is not None else None
-        add = sole_user(mul.output[0], "Add") if mul is not None else None
-        if add is None:
+        gamma = None
+        for data in mul.input:
+            gamma = per_channel(mul, data, ranks.get(data))
+            if gamma is not None:
+                break
+        if gamma is None:
             continue
-        gamma, beta = const_vec(mul, r2.output[0]), const_vec(add, mul.output[0])
-        if gamma is None or beta is None or gamma.shape != beta.shape:
+        nxt = users.get(mul.output[0], [])
+        if len(nxt) != 1 or nxt[0].op_type != "Add" or mul.output[0] in outputs:
             continue
-        c, spatial = gamma.shape[0], gamma.ndim  # gamma (C, 1, ..., 1): input rank = ndim + 1
-        w_name, b_name = f"{mul.name or mul.output[0]}_dw_weight", f"{add.name or add.output[0]}_dw_bias"
-        g.initializer.append(numpy_helper.from_array(gamma.reshape(c, 1, *([1] * (spatial - 1))), w_name))
+        add = nxt[0]
+        beta = per_channel(add, mul.output[0], ranks.get(data))
+        if beta is None or beta.shape != gamma.shape:
+            continue
+        c, spatial = gamma.shape[0], gamma.ndim - 1
+        base = mul.name or mul.output[0]
+        w_name, b_name = f"{base}_dw_weight", f"{base}_dw_bias"
+        g.initializer.append(numpy_helper.from_array(gamma.reshape(c, 1, *([1] * spatial)), w_name))
         g.initializer.append(numpy_helper.from_array(beta.reshape(c), b_name))
-        conv = helper.make_node("Conv", [r2.output[0], w_name, b_name], [add.output[0]],
-                                name=f"{mul.name or mul.output[0]}_gn_affine", group=c,
-                                kernel_shape=[1] * (spatial - 1))
-        replace[id(mul)] = conv
+        replace[id(mul)] = helper.make_node("Conv", [data, w_name, b_name], [add.output[0]],
+                                            name=f"{base}_channel_affine", group=c, kernel_shape=[1] * spatial)
         drop.add(id(add))
-        rewrites += 1
-    if rewrites:
+    if replace:
         nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
         del g.node[:]
         g.node.extend(nodes)
         remove_unused_initializers(model)
-    return rewrites
+    return len(replace)
 
 
-def optimize(model: onnx.ModelProto, *, gn_form: str = "conv-affine") -> tuple[onnx.ModelProto, dict]:
-    """Constant-fold to a fixed point (no size limits) and pick the GroupNorm form."""
+def optimize(model: onnx.ModelProto, *, channel_affine: str = "conv") -> tuple[onnx.ModelProto, dict]:
+    """Constant-fold to a fixed point (no size limits) and pick the per-channel affine form."""
     import onnxscript.optimizer
 
     before = op_histogram(model)
@@ -163,8 +176,9 @@ def optimize(model: onnx.ModelProto, *, gn_form: str = "conv-affine") -> tuple[o
     model = onnxscript.optimizer.optimize(model, input_size_limit=big, output_size_limit=big)
     folded = fold_constants(model)
     remove_unused_initializers(model)
-    gn = gn_affine_to_conv(model) if gn_form == "conv-affine" else 0
-    return model, {"nodes_before": before, "constants_folded_after_export": folded, "gn_affine_to_conv": gn}
+    convs = channel_affine_to_conv(model) if channel_affine == "conv" else 0
+    return model, {"nodes_before": before, "constants_folded_after_export": folded,
+                   "channel_affines_as_conv": convs}
 
 
 def topological_sort(model: onnx.ModelProto) -> None:

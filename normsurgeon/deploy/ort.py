@@ -7,6 +7,7 @@ covers the search) and ``cudnn_conv_use_max_workspace=1``; TF32 stays ORT's defa
 from __future__ import annotations
 
 import ctypes
+import importlib
 import importlib.metadata
 import os
 from dataclasses import dataclass, field
@@ -80,7 +81,7 @@ def missing_for(provider: str) -> list[str]:
 def _preload_from_torch() -> None:
     """torch's CUDA wheels bring cuDNN/cuBLAS; importing torch makes them loadable (ORT docs)."""
     try:
-        import torch  # noqa: F401
+        importlib.import_module("torch")  # loads torch's bundled CUDA libraries as a side effect
     except ImportError:
         pass
 

@@ -215,6 +215,9 @@ def _fx_sites(gm: fx.GraphModule, keep, changes: list[Change]) -> tuple[list[Sit
                 site.key, site.calls = node.name, calls[node.target]
                 site.input_node = node.args[0] if node.args else None
         elif node.op == "call_function" and node.target is torch.nn.functional.batch_norm:
+            if matches(node.name, keep):
+                changes.append(Change(node.name, "kept", "F.batch_norm", "F.batch_norm", "matches keep"))
+                continue
             site = _functional_site(gm, node, changes)
         if site is None:
             continue
