@@ -180,6 +180,11 @@ def _torch_load(path: Path, weights_only: bool, trust_pickle: bool = False):
         raise ModelSpecError(f"unpickling {path} failed: {_first_line(e)}") from None
 
 
+def _mismatch_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+    return lines[0][:200] if lines else _first_line(e)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:200] if text else type(e).__name__
@@ -227,7 +232,12 @@ def load_weights(model, weights: str | os.PathLike) -> None:
 
 
 def _load_state(model, state: dict, where: str) -> None:
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # tensor shapes differ: the file is for another architecture/config
+        raise ModelSpecError(
+            f"weights in {where} do not fit the model ({_mismatch_line(e)}); check MODEL names the same architecture"
+        ) from None
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
         parts = []

@@ -21,16 +21,21 @@ app = typer.Typer(
 COMMANDS = ("inspect", "convert", "fold", "equalize", "recalibrate", "evaluate", "export", "bench")
 
 
-@app.callback()
-def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    # an option callback runs while parsing, before click asks for the (missing) command
+    if value:
         from normsurgeon import __version__
 
         typer.echo(f"normsurgeon {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                 callback=_print_version),
+) -> None:
     common.STATE["debug"] = debug
 
 

@@ -13,6 +13,15 @@ from torch import nn
 from normsurgeon.errors import ModelSpecError
 
 
+class ProbeError(ModelSpecError):
+    """The model raised when run on the probe input (wrong shape, several inputs, ...)."""
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0][:200] if lines else "no message"
+
+
 def default_input_shape(model: nn.Module, batch: int = 2) -> tuple[int, ...]:
     """The model's own input size (timm's pretrained_cfg), else a guess from its first layer."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
@@ -107,7 +116,14 @@ def observe(model: nn.Module, x: torch.Tensor, watch: type | tuple[type, ...]) -
     try:
         model.eval()
         with torch.no_grad():
-            model(x)
+            try:
+                model(x)
+            except Exception as e:  # noqa: BLE001 - the model rejects the probe: a user-fixable input problem
+                raise ProbeError(
+                    f"the model fails on a probe input of shape {','.join(map(str, x.shape))} "
+                    f"({type(e).__name__}: {_first_line(e)}); pass --input-shape with the shape it expects "
+                    "(models taking several inputs are not supported)"
+                ) from e
     finally:
         for h in handles:
             h.remove()

@@ -27,7 +27,7 @@ from normsurgeon.graph.modules import (
     matches,
     set_submodule,
 )
-from normsurgeon.graph.probe import ModuleUse, observe, probe_input
+from normsurgeon.graph.probe import ModuleUse, ProbeError, observe, probe_input
 from normsurgeon.graph.trace import try_trace
 from normsurgeon.graph.verify import batch_independence_error, compare
 from normsurgeon.layers.norm_act import NormAct, bn_extras
@@ -68,16 +68,25 @@ def convert(
 
     traced = try_trace(copy.deepcopy(model))
     changes: list[Change] = []
+    fx_error, uses = f"torch.fx cannot trace: {traced.error}", None
     if traced.ok:
+        try:  # functional BN first, so the probe sees the materialized modules too
+            _materialize_functional_bn(traced.graph_module, changes)
+            traced.graph_module.recompile()
+            uses = observe(traced.graph_module, x, nn.modules.batchnorm._BatchNorm)
+        except ProbeError as e:  # the traced graph specialised on something the probe breaks
+            changes.clear()
+            fx_error = f"the traced graph fails on the probe input ({_describe_cause(e)})"
+    if uses is not None:
         new, path = traced.graph_module, "fx"
-        uses = observe(new, x, nn.modules.batchnorm._BatchNorm)
         _convert_fx(new, recipe, overrides, keep, uses, changes)
+        _report_untraced_bn(model, new, changes)
     else:
         new, path = copy.deepcopy(model), "module-swap"
         watch = (nn.modules.batchnorm._BatchNorm,) + ACTIVATION_TYPES
-        uses = observe(new, x, watch)
+        uses = observe(new, x, watch)  # raises ProbeError (a clean user error) if the model itself fails
         _convert_swap(new, recipe, overrides, keep, uses, changes)
-        changes.insert(0, Change("<model>", "fallback", detail=f"torch.fx cannot trace: {traced.error}"))
+        changes.insert(0, Change("<model>", "fallback", detail=fx_error))
 
     train_options.apply_init(new, init, changes)
     if input_norm:
@@ -143,7 +152,6 @@ def _wrap(bn: nn.Module, norm: nn.Module, post: nn.Module | None = None) -> tupl
 # --------------------------------------------------------------------------------------- fx path
 
 def _convert_fx(gm: fx.GraphModule, recipe, overrides, keep, uses, changes) -> None:
-    _materialize_functional_bn(gm, changes)
     modules = dict(gm.named_modules())
     counter = 0
     for node in list(gm.graph.nodes):
@@ -252,7 +260,7 @@ def _materialize_functional_bn(gm: fx.GraphModule, changes: list[Change]) -> Non
                                   "functional batch_norm without running statistics (batch statistics only)"))
             continue
         c = rm.numel()
-        bn = nn.BatchNorm1d(c, eps=float(a["eps"]), momentum=a["momentum"], affine=w is not None)
+        bn = MaterializedBatchNorm(c, eps=float(a["eps"]), momentum=a["momentum"], affine=w is not None)
         with torch.no_grad():
             bn.running_mean.copy_(rm)
             bn.running_var.copy_(rv)
@@ -268,6 +276,32 @@ def _materialize_functional_bn(gm: fx.GraphModule, changes: list[Change]) -> Non
         gm.graph.erase_node(node)
         changes.append(Change(target, "materialized", "F.batch_norm", describe(bn),
                               f"functional call {node.name} turned into a module"))
+
+
+def _describe_cause(e: BaseException) -> str:
+    cause = e.__cause__ or e
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    return f"{type(cause).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _report_untraced_bn(model: nn.Module, gm: fx.GraphModule, changes: list[Change]) -> None:
+    """BN modules the traced graph never calls (e.g. inception_v3's training-only AuxLogits) are not
+    part of the fx result: report each one rather than let it vanish silently."""
+    present = dict(gm.named_modules())
+    for name, m in model.named_modules():
+        if is_batchnorm(m) and name not in present:
+            changes.append(Change(name, "removed", describe(m), "-",
+                                  "not called by the model traced in eval mode (e.g. a training-only branch): "
+                                  "torch.fx left it out of the converted model"))
+
+
+class MaterializedBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BN made from a functional ``F.batch_norm`` call: like the function, it accepts any input rank >= 2
+    (``BatchNorm1d`` would reject the 4-D input of a materialized conv-net call when it is kept)."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
 
 def _is_param(gm: nn.Module, target: str) -> bool:

@@ -27,6 +27,8 @@ def group_norm_from_bn(ctx: BuildContext, wanted_groups: int, affine_from_bn: bo
         with torch.no_grad():
             gn.weight.copy_(bn.weight.detach())
             gn.bias.copy_(bn.bias.detach())
+        gn.weight.requires_grad_(bn.weight.requires_grad)  # a frozen BN stays frozen
+        gn.bias.requires_grad_(bn.bias.requires_grad)
     if not bn.affine:
         ctx.notes.append("BN had no affine; GroupNorm has none either")
     return gn
