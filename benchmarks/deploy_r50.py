@@ -6,8 +6,10 @@ cost of a gn+ws conversion in each GroupNorm graph form.
 Rows (all timed in rotation in one process, so machine load hits them alike):
   torch-dynamo   torch.onnx.export(dynamo=True) of the original model (BN folded by the exporter)
   ns-bn          normsurgeon export (fold + export + optimize) of the same model
-  ns-gnws-conv   convert --to gn+ws, then normsurgeon export, GroupNorm affine as depthwise 1x1 Conv
-  ns-gnws-in     same, exporter's Mul/Add affine (--channel-affine mul-add)
+  ns-gnws-nchw   convert --to gn+ws, then normsurgeon export with groupnorm="nchw" (the 4-D form of
+                 deploy/gn_forms.py, affine as depthwise 1x1 Conv)
+  ns-gnws-conv   same, default InstanceNorm GroupNorm form, affine as depthwise 1x1 Conv
+  ns-gnws-in     same, InstanceNorm form and the exporter's Mul/Add affine (--channel-affine mul-add)
   torch-gnws     torch.onnx.export(dynamo=True) of the gn+ws model as is (WS unfolded)
 Targets (issue 3): ns-bn / torch-dynamo <= 1.03; ns-gnws / ns-bn <= 1.25 on ORT CPU.
 """
@@ -34,6 +36,18 @@ def torch_export(model, x, path):
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), path, dynamo=True, opset_version=20, external_data=False, verbose=False)
+
+
+def reorder_count(path, threads):
+    """ReorderInput/ReorderOutput nodes left in ORT's optimized graph (NCHWc layout breaks)."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.optimized_model_filepath = path + ".opt.onnx"
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return sum(n.op_type in ("ReorderInput", "ReorderOutput") for n in onnx.load(path + ".opt.onnx").graph.node)
 
 
 def main() -> None:
@@ -70,12 +84,14 @@ def main() -> None:
         res = normsurgeon.fold(model, input_shape=shape)
         timings["fold R50, best of 3 incl. verification (s)"] = min(fold_times)
         timings["fold R50, pass alone (s)"] = res.info["fold_seconds"]
-        for label, m, kw in [("ns-bn", model, {}), ("ns-gnws-conv", gnws, {"channel_affine": "conv"}),
-                             ("ns-gnws-in", gnws, {"channel_affine": "mul-add"})]:
+        for label, m, kw in [("ns-bn", model, {}), ("ns-gnws-nchw", gnws, {"groupnorm": "nchw"}),
+                             ("ns-gnws-conv", gnws, {"groupnorm": "instancenorm", "channel_affine": "conv"}),
+                             ("ns-gnws-in", gnws, {"groupnorm": "instancenorm", "channel_affine": "mul-add"})]:
             rep = normsurgeon.export_onnx(m, f"{d}/{label}.onnx", input_shape=shape, verify=True, **kw)
             timings[f"{label} export total (s)"] = rep.seconds["total"]
             timings[f"{label} ORT max rel error"] = rep.verification["max_rel_error"]
             paths[label] = f"{d}/{label}.onnx"
+            timings[f"{label} ORT Reorder nodes"] = reorder_count(paths[label], args.threads)
         torch_export(gnws, x, f"{d}/torch-gnws.onnx")
         paths["torch-gnws"] = f"{d}/torch-gnws.onnx"
         rows = time_onnx(paths, x.numpy(), provider="cpu", warmup=args.warmup, runs=args.runs,

@@ -33,6 +33,7 @@ def run_cli(*args: str, cwd: str | Path | None = None, env: dict | None = None, 
     e = dict(os.environ)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e.setdefault("COLUMNS", "200")
+    e.setdefault("OMP_NUM_THREADS", "1")  # like tests/conftest.py: one thread per process under `pytest -n 2`
     e.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "normsurgeon", *args], cwd=cwd, env=e,

@@ -56,9 +56,6 @@ DEFAULT_BATCH_SIZE = 32
 STAT_BUFFERS = ("running_mean", "running_var", "running_sq_mean", "num_batches_tracked")
 
 
-_MODE = ['batch']
-
-
 class NothingToRecalibrateError(NormSurgeonError):
     """The model has no layer with running statistics."""
 
@@ -195,10 +192,8 @@ def _collector(handle, acc: PooledMoments):
             return None
         s, s2, n = handle.batch_moments(x)
         acc.add(s, s2, n)
-        if n > 0 and _MODE[0] == "batch":
+        if n > 0:
             handle.use_batch(s / n, s2 / n, n)
-        elif acc.count > 0 and _MODE[0] == "running":
-            handle.use_batch(acc.mean(), acc.sq_mean(), acc.count)
         return None
 
     return pre

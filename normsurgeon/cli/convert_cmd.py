@@ -53,11 +53,12 @@ def register(app: typer.Typer) -> None:
         from normsurgeon.passes.train_options import check_init
 
         check_init(init)
+        shape = parse_shape(input_shape)  # bad shapes fail before the model is built
         check_output(output, force)
         m = common.load(model, weights, trust_pickle)
         opts = {"ws_form": ws_form} if ws_form != "var" else {}
         with common.status(f"converting to {recipe}"):
-            result = convert(m, to, input_shape=parse_shape(input_shape), keep=tuple(keep),
+            result = convert(m, to, input_shape=shape, keep=tuple(keep),
                              layers=overrides, verify=verify, init=init, input_norm=input_norm, **opts)
         path = save_model(result.model, output, force=force)
         common.render_result(result, f"convert --to {recipe}", as_json, {"output": str(path)})

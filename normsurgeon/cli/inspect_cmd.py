@@ -26,9 +26,10 @@ def register(app: typer.Typer) -> None:
         from normsurgeon.recipes import parse_recipe
 
         parse_recipe(to)
+        shape = parse_shape(input_shape)  # bad shapes fail before the model is built
         m = common.load(model, weights, trust_pickle)
         with common.status("inspecting"):
-            rep = inspect(m, to=to, input_shape=parse_shape(input_shape))
+            rep = inspect(m, to=to, input_shape=shape)
         if as_json:
             common.print_json(rep.to_dict())
             return

@@ -73,6 +73,7 @@ def export_onnx(
     verify: bool = False,
     exporter: str = "auto",
     channel_affine: str = "conv",
+    groupnorm: str = "instancenorm",
     keep: tuple[str, ...] | list[str] = (),
     external_data: bool | None = None,
     force: bool = False,
@@ -83,6 +84,8 @@ def export_onnx(
     ``channel_affine``: conv (per-channel Mul/Add pairs, e.g. GroupNorm's affine or fold's leftover
     ChannelAffine, as one depthwise 1x1 Conv: fastest on ORT CPU) or mul-add (the exporter's form, which
     ORT's CUDA GroupNorm fusion matches).
+    ``groupnorm``: instancenorm (default: the exporter's Reshape -> InstanceNormalization -> Reshape) or
+    nchw (4-D form that keeps ORT CPU's NCHWc conv layout, deploy/gn_forms.py; slower on ResNet-50).
     ``verify``: raise VerificationError when ONNX Runtime (CPU) differs from PyTorch by more than 1e-4
     (fp32) / 1e-2 (fp16) relative; the measured errors are in the report either way.
     """
@@ -99,6 +102,10 @@ def export_onnx(
     if channel_affine not in onnx_opt.CHANNEL_AFFINE_FORMS:
         raise ExportError(f"unknown channel-affine form {channel_affine!r}: use one of "
                           f"{', '.join(onnx_opt.CHANNEL_AFFINE_FORMS)}")
+    from normsurgeon.deploy.gn_forms import FORMS as GN_FORMS
+
+    if groupnorm not in GN_FORMS:
+        raise ExportError(f"unknown GroupNorm form {groupnorm!r}: use one of {', '.join(GN_FORMS)}")
     if not 7 <= int(opset) <= 23:
         raise ExportError(f"opset {opset} is outside what torch.onnx exports (7..23); 20 is the default")
     original = model.eval()
@@ -130,7 +137,7 @@ def export_onnx(
     seconds["export"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    proto, graph_info = onnx_opt.optimize(proto, channel_affine=channel_affine)
+    proto, graph_info = onnx_opt.optimize(proto, channel_affine=channel_affine, groupnorm=groupnorm)
     if fp16:
         proto = _to_fp16(proto)
     seconds["optimize"] = time.perf_counter() - t

@@ -167,8 +167,14 @@ def channel_affine_to_conv(model: onnx.ModelProto) -> int:
     return len(replace)
 
 
-def optimize(model: onnx.ModelProto, *, channel_affine: str = "conv") -> tuple[onnx.ModelProto, dict]:
-    """Constant-fold to a fixed point (no size limits) and pick the per-channel affine form."""
+def optimize(model: onnx.ModelProto, *, channel_affine: str = "conv",
+             groupnorm: str = "instancenorm") -> tuple[onnx.ModelProto, dict]:
+    """Constant-fold to a fixed point (no size limits), pick the GroupNorm form (gn_forms.FORMS: nchw
+    rewrites to 4-D ops that keep ORT's NCHWc layout but measured slower; instancenorm, the default,
+    keeps the exporter's form) and the
+    per-channel affine form."""
+    from normsurgeon.deploy import gn_forms
+
     import onnxscript.optimizer
 
     before = op_histogram(model)
@@ -176,9 +182,10 @@ def optimize(model: onnx.ModelProto, *, channel_affine: str = "conv") -> tuple[o
     model = onnxscript.optimizer.optimize(model, input_size_limit=big, output_size_limit=big)
     folded = fold_constants(model)
     remove_unused_initializers(model)
+    gn4d = gn_forms.groupnorm_to_4d(model) if groupnorm == "nchw" else 0
     convs = channel_affine_to_conv(model) if channel_affine == "conv" else 0
     return model, {"nodes_before": before, "constants_folded_after_export": folded,
-                   "channel_affines_as_conv": convs}
+                   "groupnorms_as_nchw": gn4d, "channel_affines_as_conv": convs}
 
 
 def topological_sort(model: onnx.ModelProto) -> None:

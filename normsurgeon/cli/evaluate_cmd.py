@@ -1,0 +1,59 @@
+"""``normsurgeon evaluate``: top-1 accuracy and loss, optionally under simulated weight noise."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from normsurgeon.cli import common
+from normsurgeon.cli.recalibrate_cmd import DATA_HELP, _null, floats, progress_bar
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("evaluate")
+    @common.handle_errors
+    def evaluate_cmd(
+        model: str = common.model_arg(),
+        data: str = typer.Option(..., "--data", help=DATA_HELP + " Needs labels y.", show_default=False),
+        noise: Optional[str] = typer.Option(None, "--noise", help="Simulated analog noise, weight:ETA (as in recalibrate)."),
+        noise_seed: int = typer.Option(0, "--noise-seed", help="Noise instance; the same seed as recalibrate "
+                                       "--noise-mode fixed gives the same instance."),
+        batch_size: int = typer.Option(256, "--batch-size", help="Samples per forward pass."),
+        samples: Optional[int] = typer.Option(None, "--samples", help="Use at most this many samples."),
+        image_size: Optional[int] = typer.Option(None, "--image-size", help="Image folders: resize and crop to this (default 224)."),
+        mean: Optional[str] = typer.Option(None, "--mean", help="Image folders: per-channel mean (default ImageNet's)."),
+        std: Optional[str] = typer.Option(None, "--std", help="Image folders: per-channel std (default ImageNet's)."),
+        weights: Optional[str] = common.weights_opt(),
+        trust_pickle: bool = common.trust_opt(),
+        as_json: bool = common.json_opt(),
+    ) -> None:
+        """Top-1 accuracy and cross-entropy loss on labelled data."""
+        from normsurgeon.calibrate import distributed
+        from normsurgeon.calibrate.data import load_data
+        from normsurgeon.calibrate.evaluate import evaluate
+        from normsurgeon.calibrate.noise import parse_noise
+
+        parse_noise(noise)
+        mean_t, std_t = floats(mean, "--mean"), floats(std, "--std")
+        with distributed.process_group() as (rank, world):
+            m = common.load(model, weights, trust_pickle)
+            dataset = load_data(data, image_size=image_size, mean=mean_t, std=std_t)
+            total = len(dataset) if samples is None else min(samples, len(dataset))
+            bar, advance = progress_bar(-(-total // world), "evaluating")
+            with bar if rank == 0 else _null():
+                report = evaluate(m, dataset, noise=noise, noise_seed=noise_seed, batch_size=batch_size,
+                                  samples=samples, progress=advance if rank == 0 else None)
+            if rank != 0:
+                return
+        if as_json:
+            common.print_json(report)
+            return
+        from rich.table import Table
+
+        table = Table(title=f"evaluate {model}")
+        for col in ("data", "samples", "accuracy", "loss", "noise"):
+            table.add_column(col)
+        noise_text = f"{report['noise']} (seed {report['noise_seed']})" if report["noise"] else "none"
+        table.add_row(report["data"], str(report["samples"]), f"{report['accuracy']:.4f}", f"{report['loss']:.4f}",
+                      noise_text)
+        common.console().print(table)
