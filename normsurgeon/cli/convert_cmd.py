@@ -8,18 +8,19 @@ import typer
 from normsurgeon.cli import common
 
 
-def _recipe_help() -> str:
+def _recipe_epilog() -> str:
     from normsurgeon.recipes import all_recipes
 
-    return "Recipe: " + "; ".join(f"{e.usage()}: {e.summary}" for e in all_recipes())
+    lines = [f"[bold]{e.usage()}[/]: {e.summary}" for e in all_recipes()]
+    return "Recipes:\n\n" + "\n\n".join(lines)
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("convert")
+    @app.command("convert", epilog=_recipe_epilog())
     @common.handle_errors
     def convert_cmd(
         model: str = common.model_arg(),
-        to: str = typer.Option(..., "--to", help=_recipe_help(), show_default=False),
+        to: str = typer.Option(..., "--to", help="Recipe NAME[:ARG], e.g. gn+ws or gn:16 (all listed below).", show_default=False),
         output: str = common.output_opt(),
         weights: Optional[str] = common.weights_opt(),
         trust_pickle: bool = common.trust_opt(),

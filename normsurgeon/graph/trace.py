@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import fx, nn
 
 
@@ -72,3 +71,16 @@ def _describe(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     msg = lines[0] if lines else ""
     return f"{type(e).__name__}: {msg}"[:300]
+
+
+def node_label(node) -> str:
+    """A short human label for what an fx node is: a module path, ``cat()``, ``.relu()``, the model input."""
+    if not isinstance(node, fx.Node):
+        return repr(node)
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target)) + "()"
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return {"placeholder": "the model input", "output": "the model output"}.get(node.op, node.name)

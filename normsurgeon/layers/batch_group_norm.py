@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normsurgeon.layers.moments import RunningMoments, channel_shape, set_mean_var
+from normsurgeon.layers.moments import MeanVarMoments, channel_shape
 
 
-class BatchGroupNorm(RunningMoments, nn.Module):
+class BatchGroupNorm(MeanVarMoments, nn.Module):
     def __init__(self, num_features: int, num_groups: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
         super().__init__()
         self.num_features = num_features
@@ -39,14 +39,6 @@ class BatchGroupNorm(RunningMoments, nn.Module):
             raise ValueError(
                 f"BatchGroupNorm: {x[0].numel()} values per sample do not split into {self.num_groups} groups")
         return x.reshape(x.shape[0], self.num_groups, -1)
-
-    def reset_running_stats(self) -> None:
-        with torch.no_grad():
-            self.running_mean.zero_()
-            self.running_var.fill_(1.0)
-
-    def load_moments(self, mean: torch.Tensor, sq_mean: torch.Tensor, count: int) -> None:
-        set_mean_var(self, mean, sq_mean)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = F.batch_norm(self.stat_view(x), self.running_mean, self.running_var, None, None,

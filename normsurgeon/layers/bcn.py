@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normsurgeon.layers.moments import RunningMoments, channel_shape, set_mean_var
+from normsurgeon.layers.moments import MeanVarMoments, channel_shape
 
 BCN_GROUPS = 32  # BCN repo: layers.py overrides BatchNorm2d with BCNorm(num_groups=32)
 BCN_EPS = 1e-5  # EstBN hard-codes 1e-5; BCNorm's channel part takes eps=1e-5 in layers.py
 DEFAULT_RATE = 0.1  # normsurgeon choice; the reference leaves r at 0 (see module docstring)
 
 
-class EstimatedBatchNorm(RunningMoments, nn.Module):
+class EstimatedBatchNorm(MeanVarMoments, nn.Module):
     """BCN's batch part: per-channel BN with affine; ``estimate=True`` is the EstBN micro-batch form.
 
     Not a ``_BatchNorm`` subclass on purpose (``convert`` would convert it again). Eval is the
@@ -52,14 +52,6 @@ class EstimatedBatchNorm(RunningMoments, nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("estimate_rate", torch.tensor(float(rate)))
-
-    def reset_running_stats(self) -> None:
-        with torch.no_grad():
-            self.running_mean.zero_()
-            self.running_var.fill_(1.0)
-
-    def load_moments(self, mean: torch.Tensor, sq_mean: torch.Tensor, count: int) -> None:
-        set_mean_var(self, mean, sq_mean)
 
     @torch.no_grad()
     def _update_estimates(self, x: torch.Tensor) -> None:

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normsurgeon.layers.moments import RunningMoments, set_mean_var
+from normsurgeon.layers.moments import MeanVarMoments
 
 INPUT_NORM_GAMMA = 0.1 * 0.58  # revisiting-bn networks.py: bn_weight * 0.58
 
 
-class InputNorm(RunningMoments, nn.Module):
+class InputNorm(MeanVarMoments, nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
                  gamma: float = INPUT_NORM_GAMMA) -> None:
         super().__init__()
@@ -29,14 +29,6 @@ class InputNorm(RunningMoments, nn.Module):
         self.register_buffer("bias", torch.zeros(num_features))  # frozen at 0
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
-
-    def reset_running_stats(self) -> None:
-        with torch.no_grad():
-            self.running_mean.zero_()
-            self.running_var.fill_(1.0)
-
-    def load_moments(self, mean: torch.Tensor, sq_mean: torch.Tensor, count: int) -> None:
-        set_mean_var(self, mean, sq_mean)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,

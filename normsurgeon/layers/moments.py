@@ -37,6 +37,18 @@ class RunningMoments:
         raise NotImplementedError
 
 
+class MeanVarMoments(RunningMoments):
+    """Mixin for layers whose running estimates are ``running_mean``/``running_var`` (reset to 0 / 1)."""
+
+    def reset_running_stats(self) -> None:
+        with torch.no_grad():
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+
+    def load_moments(self, mean: torch.Tensor, sq_mean: torch.Tensor, count: int) -> None:
+        set_mean_var(self, mean, sq_mean)
+
+
 def set_mean_var(layer, mean: torch.Tensor, sq_mean: torch.Tensor) -> None:
     """Set ``running_mean``/``running_var`` from E[x] and E[x^2] (population variance, clamped >= 0)."""
     with torch.no_grad():

@@ -10,14 +10,13 @@ Two paths, reported in ``SurgeryResult.path``:
 from __future__ import annotations
 
 import copy
-import inspect as _inspect
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from normsurgeon import provenance
-from normsurgeon.errors import NormSurgeonError, RecipeError, VerificationError
+from normsurgeon.errors import NormSurgeonError, VerificationError
 from normsurgeon.graph.modules import (
     ACTIVATION_FUNCTIONS,
     ACTIVATION_METHODS,
@@ -27,6 +26,7 @@ from normsurgeon.graph.modules import (
     matches,
     set_submodule,
 )
+from normsurgeon.graph.functional_bn import is_functional_bn, read_functional_bn
 from normsurgeon.graph.probe import ModuleUse, ProbeError, observe, probe_input
 from normsurgeon.graph.trace import try_trace
 from normsurgeon.graph.verify import batch_independence_error, compare
@@ -226,41 +226,24 @@ def _insert_after(gm: fx.GraphModule, node: fx.Node, target: str) -> None:
     node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
 
 
-_BN_SIG = _inspect.signature(torch.nn.functional.batch_norm)
-
-
 def _materialize_functional_bn(gm: fx.GraphModule, changes: list[Change]) -> None:
     """Turn ``F.batch_norm(x, <buffer>, <buffer>, <param>, <param>, ...)`` calls into BN modules
     (pytorch#122070: functional BN is otherwise invisible to module-level passes)."""
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not torch.nn.functional.batch_norm:
+        if not is_functional_bn(node):
             continue
-        try:
-            bound = _BN_SIG.bind(*node.args, **node.kwargs)
-        except TypeError:
+        f, reason = read_functional_bn(gm, node)
+        if f is None:
+            if reason:
+                changes.append(Change(node.name, "skipped", "F.batch_norm", "", reason))
             continue
-        bound.apply_defaults()
-        a = bound.arguments
-
-        def fetch(arg):
-            if arg is None:
-                return None
-            if isinstance(arg, fx.Node) and arg.op == "get_attr":
-                return gm.get_parameter(arg.target) if _is_param(gm, arg.target) else gm.get_buffer(arg.target)
-            raise LookupError
-
-        try:
-            rm, rv, w, b = (fetch(a[k]) for k in ("running_mean", "running_var", "weight", "bias"))
-        except (LookupError, AttributeError):
-            changes.append(Change(node.name, "skipped", "F.batch_norm", "",
-                                  "functional batch_norm whose tensors are computed, not stored"))
-            continue
-        if rm is None or rv is None or not isinstance(a["training"], bool):
+        rm, rv, w, b = f.running_mean, f.running_var, f.weight, f.bias
+        if rm is None or rv is None or not isinstance(f.training, bool):
             changes.append(Change(node.name, "skipped", "F.batch_norm", "",
                                   "functional batch_norm without running statistics (batch statistics only)"))
             continue
         c = rm.numel()
-        bn = MaterializedBatchNorm(c, eps=float(a["eps"]), momentum=a["momentum"], affine=w is not None)
+        bn = MaterializedBatchNorm(c, eps=f.eps, momentum=f.momentum, affine=w is not None)
         with torch.no_grad():
             bn.running_mean.copy_(rm)
             bn.running_var.copy_(rv)
@@ -271,7 +254,7 @@ def _materialize_functional_bn(gm: fx.GraphModule, changes: list[Change]) -> Non
         target = f"functional_bn_{node.name}"
         gm.add_submodule(target, bn)
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(target, (a["input"],))
+            new = gm.graph.call_module(target, (f.input,))
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         changes.append(Change(target, "materialized", "F.batch_norm", describe(bn),
@@ -302,14 +285,6 @@ class MaterializedBatchNorm(nn.modules.batchnorm._BatchNorm):
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-
-
-def _is_param(gm: nn.Module, target: str) -> bool:
-    try:
-        gm.get_parameter(target)
-        return True
-    except AttributeError:
-        return False
 
 
 # ------------------------------------------------------------------------------- module-swap path

@@ -15,7 +15,6 @@ rewrote a shared conv and corrupted the other call site).
 """
 from __future__ import annotations
 
-import inspect as _inspect
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from normsurgeon.graph.functional_bn import read_functional_bn
+from normsurgeon.graph.trace import node_label
 from normsurgeon.graph.modules import describe, matches
 from normsurgeon.graph.verify import flatten_outputs
 from normsurgeon.passes import fold_math as fm
@@ -113,7 +114,6 @@ def _site_for_module(name: str, m: nn.Module, keep, changes: list[Change], repor
 # ------------------------------------------------------------------------------------------ fx path
 _VIEW_METHODS = {"flatten", "reshape", "view"}
 _VIEW_FUNCTIONS = {torch.flatten, torch.reshape}
-_BN_SIG = _inspect.signature(torch.nn.functional.batch_norm)
 
 
 _SHAPES: list = []  # the running fx_sites call's lazy shape pass
@@ -156,38 +156,21 @@ def _is_view(node) -> bool:
 
 
 def _functional_site(gm: fx.GraphModule, node: fx.Node, changes: list[Change]) -> Site | None:
-    try:
-        a = _BN_SIG.bind(*node.args, **node.kwargs)
-    except TypeError:
+    f, reason = read_functional_bn(gm, node)
+    if f is None:
+        if reason:
+            changes.append(Change(node.name, "kept", "F.batch_norm", "F.batch_norm", reason))
         return None
-    a.apply_defaults()
-    args = a.arguments
-
-    def fetch(arg):
-        if arg is None:
-            return None
-        if isinstance(arg, fx.Node) and arg.op == "get_attr":
-            obj = gm
-            for part in arg.target.split("."):
-                obj = getattr(obj, part)
-            return obj
-        raise LookupError
-
-    try:
-        rm, rv, w, b = (fetch(args[k]) for k in ("running_mean", "running_var", "weight", "bias"))
-    except (LookupError, AttributeError):
-        changes.append(Change(node.name, "kept", "F.batch_norm", "F.batch_norm",
-                              "functional batch_norm whose tensors are computed, not stored"))
-        return None
-    if rm is None or rv is None or args["training"] is not False:
+    if f.running_mean is None or f.running_var is None or f.training is not False:
         changes.append(Change(node.name, "kept", "F.batch_norm", "F.batch_norm",
                               "functional batch_norm with batch statistics (training=True or no running stats)"))
         return None
     from normsurgeon.passes.fold_rules import _bn_affine
 
-    aff = _bn_affine(w, b, rm, rv, float(args["eps"]), rm.numel())
+    rm = f.running_mean
+    aff = _bn_affine(f.weight, f.bias, rm, f.running_var, f.eps, rm.numel())
     site = Site(key=node.name, name=node.name, before="F.batch_norm", affine=aff, extras=None, ref=rm)
-    site.input_node = args["input"]
+    site.input_node = f.input
     return site
 
 
@@ -241,7 +224,7 @@ def _fx_src(site: Site, modules, calls, by_node) -> None:
         site.src = ("site", by_node[inp].key)
         return
     if inp.op != "call_module":
-        site.src_note = f"its input comes from {_label(inp)}"
+        site.src_note = f"its input comes from {node_label(inp)}"
         return
     m = modules[inp.target]
     rank = lambda: _rank(inp)  # noqa: E731
@@ -269,7 +252,7 @@ def _fx_sinks(site: Site, modules, calls) -> None:
     for u in users:
         if u.op != "call_module" or not u.args or u.args[0] is not node or node in u.args[1:] \
                 or node in u.kwargs.values():
-            site.sink_note = f"feeds {_label(u)}"
+            site.sink_note = f"feeds {node_label(u)}"
             return
         why = check_sink_layer(modules[u.target], u.target, calls[u.target], site.channels, lambda: _rank(node))
         if why:
@@ -279,16 +262,6 @@ def _fx_sinks(site: Site, modules, calls) -> None:
     site.sinks = names
 
 
-def _label(node) -> str:
-    if not isinstance(node, fx.Node):
-        return repr(node)
-    if node.op == "call_module":
-        return str(node.target)
-    if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target)) + "()"
-    if node.op == "call_method":
-        return f".{node.target}()"
-    return {"placeholder": "the model input", "output": "the model output"}.get(node.op, node.name)
 
 
 # ------------------------------------------------------------------------------ module-swap path

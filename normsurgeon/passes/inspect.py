@@ -9,12 +9,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import fx, nn
 
 from normsurgeon.errors import NormSurgeonError
 from normsurgeon.graph.probe import observe, probe_input
-from normsurgeon.graph.trace import try_trace
+from normsurgeon.graph.trace import node_label, try_trace
 from normsurgeon.recipes import all_recipes
 
 
@@ -116,24 +115,8 @@ def _fx_neighbours(gm: fx.GraphModule, types) -> dict[str, tuple[str, list[str]]
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(modules.get(node.target), types):
             src = node.args[0] if node.args else None
-            out[node.target] = (_node_label(src), [_node_label(u) for u in node.users])
+            out[node.target] = (node_label(src), [node_label(u) for u in node.users])
     return out
-
-
-def _node_label(node) -> str:
-    if not isinstance(node, fx.Node):
-        return repr(node)
-    if node.op == "call_module":
-        return str(node.target)
-    if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target)) + "()"
-    if node.op == "call_method":
-        return f".{node.target}()"
-    if node.op == "placeholder":
-        return "input"
-    if node.op == "output":
-        return "output"
-    return node.name
 
 
 def _attach(rep: InspectReport, column: str, run) -> None:
