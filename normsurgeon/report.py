@@ -32,6 +32,7 @@ class Verification:
     max_rel_error: float  # max |a-b| / max |ref|, over all outputs
     tolerance: float | None = None  # None: informational only (the rewrite is not meant to preserve)
     batch_independent: bool | None = None
+    note: str | None = None  # e.g. why batch independence cannot hold
 
     @property
     def ok(self) -> bool:

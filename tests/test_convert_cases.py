@@ -270,3 +270,26 @@ def test_fx_graph_failing_on_probe_falls_back_to_module_swap():
     assert r.path == "module-swap"
     assert "traced graph fails on the probe input" in r.changes[0].detail
     assert r.verification.ok and isinstance(r.model.bn, FrozenBatchNorm)
+
+
+class _BatchMeanModel(nn.Module):
+    """Mixes samples on purpose (subtracts the batch mean): no conversion can make it batch-independent."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y - y.mean(dim=0, keepdim=True)
+
+
+def test_verify_blames_the_model_not_the_norms_for_inherent_batch_mixing():
+    model = randomize_norm_stats(_BatchMeanModel()).eval()
+    res = normsurgeon.convert(model, "gn", input_shape=(3, 3, 8, 8), verify=True)  # must not raise
+    assert res.verification.batch_independent is False
+    assert "original model already mixes samples" in res.verification.note
+    plain = randomize_norm_stats(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))).eval()
+    ok = normsurgeon.convert(plain, "gn", input_shape=(3, 3, 8, 8), verify=True)
+    assert ok.verification.batch_independent is True and ok.verification.note is None

@@ -153,5 +153,7 @@ def render_result(result, title: str, as_json: bool, extra: dict | None = None) 
         if v.batch_independent is not None:
             bi = "[green]yes[/]" if v.batch_independent else "[red]no[/]"
             out.print(f"batch-independent in eval: {bi}")
+        if v.note:
+            out.print(f"note: {escape(v.note)}")
     for k, val in (extra or {}).items():
         out.print(f"{k}: {val}")
