@@ -152,11 +152,42 @@ def _wrap(bn: nn.Module, norm: nn.Module, post: nn.Module | None = None) -> tupl
     return NormAct(norm, drop, act, post), ("kept " + ", ".join(kept) if kept else "")
 
 
+def _apply(root: nn.Module, name: str, bn: nn.Module, rep, ctx, producer, producer_name, activation,
+           changes: list[Change], trailing_notes: tuple[str, ...] = ()) -> None:
+    """Put ``rep`` in place of BN ``name`` (and its producer), on either path.
+
+    ``activation()`` finds the activation consuming the norm: ``(module, insert)`` where
+    ``insert(post)`` puts ``post`` after it and returns its label, or None when there is none.
+    """
+    notes = ctx.notes  # after_activation builders may still add notes
+    post = None
+    _, fused_act = bn_extras(bn)
+    if rep.after_activation is not None:
+        if fused_act is not None:
+            post = rep.after_activation(fused_act)
+        elif (site := activation()) is None:
+            post = rep.after_activation(None)
+        else:
+            act_mod, insert = site
+            post_mod = rep.after_activation(act_mod)
+            if post_mod is not None:
+                notes.append(f"{type(post_mod).__name__} inserted after {insert(post_mod)}")
+    new_mod, extra_note = _wrap(bn, rep.norm, post)
+    if extra_note:
+        notes.append(extra_note)
+    notes.extend(trailing_notes)
+    set_submodule(root, name, new_mod)
+    if rep.producer is not None and producer_name:
+        set_submodule(root, producer_name, rep.producer)
+        changes.append(Change(producer_name, "standardized", describe(producer), describe(rep.producer),
+                              f"feeds {name}"))
+    changes.append(Change(name, "replaced", describe(bn), describe(rep.norm), "; ".join(notes)))
+
+
 # --------------------------------------------------------------------------------------- fx path
 
 def _convert_fx(gm: fx.GraphModule, recipe, overrides, keep, uses, changes) -> None:
     modules = dict(gm.named_modules())
-    counter = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not is_batchnorm(modules.get(node.target)):
             continue
@@ -173,34 +204,21 @@ def _convert_fx(gm: fx.GraphModule, recipe, overrides, keep, uses, changes) -> N
         if rep is None:
             changes.append(Change(name, "skipped", describe(bn), describe(bn), err))
             continue
-        post = None
-        notes = ctx.notes  # after_activation builders may still add notes
-        _, fused_act = bn_extras(bn)
-        if rep.after_activation is not None:
-            if fused_act is not None:
-                post = rep.after_activation(fused_act)
-            else:
-                act_node, act_mod = _activation_after(node, modules)
-                if act_node is None:
-                    post = rep.after_activation(None)
-                else:
-                    post_mod = rep.after_activation(act_mod)
-                    if post_mod is not None:
-                        counter += 1
-                        post_name = f"{name.replace('.', '_')}_post"
-                        gm.add_submodule(post_name, post_mod)
-                        _insert_after(gm, act_node, post_name)
-                        notes.append(f"{type(post_mod).__name__} inserted after {act_node.name}")
-                    post = None
-        new_mod, extra_note = _wrap(bn, rep.norm, post)
-        if extra_note:
-            notes.append(extra_note)
-        set_submodule(gm, name, new_mod)
-        if rep.producer is not None and producer_name is not None:
-            set_submodule(gm, producer_name, rep.producer)
-            changes.append(Change(producer_name, "standardized", describe(producer), describe(rep.producer),
-                                  f"feeds {name}"))
-        changes.append(Change(name, "replaced", describe(bn), describe(rep.norm), "; ".join(notes)))
+
+        def activation(node=node, name=name):
+            act_node, act_mod = _activation_after(node, modules)
+            if act_node is None:
+                return None
+
+            def insert(post_mod):
+                post_name = f"{name.replace('.', '_')}_post"
+                gm.add_submodule(post_name, post_mod)
+                _insert_after(gm, act_node, post_name)
+                return act_node.name
+
+            return act_mod, insert
+
+        _apply(gm, name, bn, rep, ctx, producer, producer_name, activation, changes)
         modules = dict(gm.named_modules())
     gm.graph.lint()
     gm.recompile()
@@ -311,33 +329,21 @@ def _convert_swap(model: nn.Module, recipe, overrides, keep, uses, changes) -> N
         if rep is None:
             changes.append(Change(name, "skipped", describe(bn), describe(bn), err))
             continue
-        notes = ctx.notes  # after_activation builders may still add notes
-        post = None
-        _, fused_act = bn_extras(bn)
-        if rep.after_activation is not None:
-            if fused_act is not None:
-                post = rep.after_activation(fused_act)
-            else:
-                act_name = _sole_activation_consumer(use, modules, uses)
-                if act_name is None:
-                    notes.append("no single-use activation module after it: nothing inserted after the activation")
-                    post = rep.after_activation(None)
-                else:
-                    post_mod = rep.after_activation(modules[act_name])
-                    if post_mod is not None:
-                        set_submodule(model, act_name, nn.Sequential(modules[act_name], post_mod))
-                        notes.append(f"{type(post_mod).__name__} inserted after {act_name}")
-        new_mod, extra_note = _wrap(bn, rep.norm, post)
-        if extra_note:
-            notes.append(extra_note)
-        set_submodule(model, name, new_mod)
-        if rep.producer is not None and producer_name:
-            set_submodule(model, producer_name, rep.producer)
-            changes.append(Change(producer_name, "standardized", describe(producer), describe(rep.producer),
-                                  f"feeds {name}"))
-        if use is None:
-            notes.append("not called on the probe input")
-        changes.append(Change(name, "replaced", describe(bn), describe(rep.norm), "; ".join(notes)))
+
+        def activation(use=use):
+            act_name = _sole_activation_consumer(use, modules, uses)
+            if act_name is None:
+                ctx.notes.append("no single-use activation module after it: nothing inserted after the activation")
+                return None
+
+            def insert(post_mod):
+                set_submodule(model, act_name, nn.Sequential(modules[act_name], post_mod))
+                return act_name
+
+            return modules[act_name], insert
+
+        _apply(model, name, bn, rep, ctx, producer, producer_name, activation, changes,
+               () if use is not None else ("not called on the probe input",))
 
 
 def _sole_activation_consumer(use: ModuleUse | None, modules, uses) -> str | None:

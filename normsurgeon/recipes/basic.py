@@ -5,13 +5,28 @@ from normsurgeon.recipes.groups import choose_groups, spatial_size
 from normsurgeon.recipes.registry import BuildContext, RecipeEntry, Replacement, register
 
 
-def _positive_int(value: int) -> str | None:
+def positive_int(value: int) -> str | None:
     return None if value >= 1 else "must be a positive integer"
+
+
+def like_bn(module, bn):
+    """``module`` moved to the BN's device and dtype (read from its stats or affine, if it has any)."""
+    ref = bn.running_mean if bn.running_mean is not None else (bn.weight if bn.affine else None)
+    return module.to(device=ref.device, dtype=ref.dtype) if ref is not None else module
+
+
+def copy_affine(dst, bn) -> None:
+    """Copy BN's gamma/beta into ``dst.weight``/``dst.bias`` (nothing when BN has no affine)."""
+    import torch
+
+    if bn.affine:
+        with torch.no_grad():
+            dst.weight.copy_(bn.weight.detach())
+            dst.bias.copy_(bn.bias.detach())
 
 
 def group_norm_from_bn(ctx: BuildContext, wanted_groups: int, affine_from_bn: bool = True):
     """A GroupNorm with ``wanted_groups`` (adjusted and noted) carrying the BN's gamma/beta and eps."""
-    import torch
     from torch import nn
 
     bn = ctx.bn
@@ -19,14 +34,9 @@ def group_norm_from_bn(ctx: BuildContext, wanted_groups: int, affine_from_bn: bo
     groups, note = choose_groups(c, wanted_groups, spatial_size(ctx.input_shape))
     if note:
         ctx.notes.append(note)
-    gn = nn.GroupNorm(groups, c, eps=bn.eps, affine=bn.affine or not affine_from_bn)
-    ref = bn.running_mean if bn.running_mean is not None else (bn.weight if bn.affine else None)
-    if ref is not None:
-        gn = gn.to(device=ref.device, dtype=ref.dtype)
+    gn = like_bn(nn.GroupNorm(groups, c, eps=bn.eps, affine=bn.affine or not affine_from_bn), bn)
     if bn.affine and affine_from_bn:
-        with torch.no_grad():
-            gn.weight.copy_(bn.weight.detach())
-            gn.bias.copy_(bn.bias.detach())
+        copy_affine(gn, bn)
         gn.weight.requires_grad_(bn.weight.requires_grad)  # a frozen BN stays frozen
         gn.bias.requires_grad_(bn.bias.requires_grad)
     if not bn.affine:
@@ -76,7 +86,7 @@ def _frozen(ctx: BuildContext) -> Replacement:
 
 register(RecipeEntry(
     "gn", "GroupNorm(G) carrying BN's gamma/beta; G reduced to a usable divisor of C",
-    _gn, arg_name="groups", arg_type=int, default=32, check_arg=_positive_int, folds="no"))
+    _gn, arg_name="groups", arg_type=int, default=32, check_arg=positive_int, folds="no"))
 register(RecipeEntry(
     "ln", "LayerNorm over channels and positions (GroupNorm with 1 group)", _ln, folds="no"))
 register(RecipeEntry(
@@ -84,7 +94,7 @@ register(RecipeEntry(
     _in, folds="no"))
 register(RecipeEntry(
     "gn+ws", "GroupNorm(G) + weight standardization of the producing conv (Qiao et al.)",
-    _gn_ws, arg_name="groups", arg_type=int, default=32, check_arg=_positive_int, folds="partial"))
+    _gn_ws, arg_name="groups", arg_type=int, default=32, check_arg=positive_int, folds="partial"))
 register(RecipeEntry(
     "frozen", "BN's eval-mode affine with fixed buffers: exactly function-preserving",
     _frozen, folds="yes"))

@@ -7,7 +7,7 @@ micro-batch path), ``bcn_rate`` (0.1).
 """
 from __future__ import annotations
 
-from normsurgeon.recipes.basic import group_norm_from_bn, ws_producer
+from normsurgeon.recipes.basic import copy_affine, group_norm_from_bn, like_bn, positive_int, ws_producer
 from normsurgeon.recipes.groups import choose_groups, spatial_size
 from normsurgeon.recipes.registry import BuildContext, RecipeEntry, Replacement, register
 
@@ -17,26 +17,8 @@ BGN_GROUPS = 32  # no verified default in the paper; a normsurgeon choice (GN's 
 EBN_ALPHA = 0.5  # no verified default (the reference's 0 is plain BN); tune on held-out data
 
 
-def _positive_int(value: int) -> str | None:
-    return None if value >= 1 else "must be a positive integer"
-
-
 def _unit_interval(value: float) -> str | None:
     return None if 0.0 <= value <= 1.0 else "alpha must lie in [0, 1]"
-
-
-def _like(module, bn):
-    ref = bn.running_mean if bn.running_mean is not None else (bn.weight if bn.affine else None)
-    return module.to(device=ref.device, dtype=ref.dtype) if ref is not None else module
-
-
-def _copy_affine(dst, bn) -> None:
-    import torch
-
-    if bn.affine:
-        with torch.no_grad():
-            dst.weight.copy_(bn.weight.detach())
-            dst.bias.copy_(bn.bias.detach())
 
 
 def _bn_stats(bn):
@@ -95,13 +77,13 @@ def _bcn(ctx: BuildContext) -> Replacement:
     rate = float(ctx.recipe.option("bcn_rate", 0.1))
     part = EstimatedBatchNorm(c, eps=bn.eps, estimate=estimate, rate=rate,
                               momentum=bn.momentum if bn.momentum is not None else 0.1)
-    _copy_affine(part, bn)
+    copy_affine(part, bn)
     mean, var = _bn_stats(bn)
     with torch.no_grad():
         part.running_mean.copy_(mean)
         part.running_var.copy_(var)
     ctx.notes.append("EstBN running-estimate path, rate %g" % rate if estimate else "batch statistics in training")
-    return Replacement(norm=_like(BatchChannelNorm(part, ChannelGroupNorm(groups, c)), bn))
+    return Replacement(norm=like_bn(BatchChannelNorm(part, ChannelGroupNorm(groups, c)), bn))
 
 
 # ------------------------------------------------------------------------------- batch-group norm
@@ -115,7 +97,7 @@ def _bgn(ctx: BuildContext) -> Replacement:
     groups, note = choose_groups(c, ctx.recipe.arg, None)
     ctx.notes.append(note or f"{groups} groups")
     layer = BatchGroupNorm(c, groups, eps=bn.eps, momentum=bn.momentum if bn.momentum is not None else 0.1)
-    _copy_affine(layer, bn)
+    copy_affine(layer, bn)
     mean, var = _bn_stats(bn)
     k = c // groups
     with torch.no_grad():  # pooled statistics of each group's channels (equal counts per channel)
@@ -123,7 +105,7 @@ def _bgn(ctx: BuildContext) -> Replacement:
         sq = (var.double() + mean.double() ** 2).reshape(groups, k)
         layer.running_mean.copy_(m.mean(1))
         layer.running_var.copy_(sq.mean(1) - m.mean(1) ** 2)
-    return Replacement(norm=_like(layer, bn))
+    return Replacement(norm=like_bn(layer, bn))
 
 
 # ------------------------------------------------------------------------- Four Things layers
@@ -138,12 +120,12 @@ def _generalized(ctx: BuildContext, examples_per_group, channels_per_group: int,
         layer = GeneralizedBatchNorm(bn.num_features, examples_per_group, channels_per_group, alpha, eps=bn.eps)
     else:
         layer = cls(bn.num_features, examples_per_group, eps=bn.eps)
-    _copy_affine(layer, bn)
+    copy_affine(layer, bn)
     mean, var = _bn_stats(bn)
     with torch.no_grad():
         layer.running_mean.copy_(mean)
         layer.running_sq_mean.copy_(var + mean * mean)
-    return Replacement(norm=_like(layer, bn))
+    return Replacement(norm=like_bn(layer, bn))
 
 
 def _ghost(ctx: BuildContext) -> Replacement:
@@ -172,21 +154,21 @@ register(RecipeEntry(
     _ln_pn, folds="partial"))
 register(RecipeEntry(
     "gn+pn", "GroupNorm(G, default 4) + proxy normalization after the activation",
-    _gn_pn, arg_name="groups", arg_type=int, default=PN_GROUPS, check_arg=_positive_int, folds="partial"))
+    _gn_pn, arg_name="groups", arg_type=int, default=PN_GROUPS, check_arg=positive_int, folds="partial"))
 register(RecipeEntry(
     "gn+ws+pn", "GroupNorm(G, default 4) + weight standardization + proxy normalization",
-    _gn_ws_pn, arg_name="groups", arg_type=int, default=PN_GROUPS, check_arg=_positive_int, folds="partial"))
+    _gn_ws_pn, arg_name="groups", arg_type=int, default=PN_GROUPS, check_arg=positive_int, folds="partial"))
 register(RecipeEntry(
     "bcn", "Batch-Channel Norm: BN (running-estimate EstBN path) then 32-group channel norm (Qiao et al.)",
-    _bcn, arg_name="groups", arg_type=int, default=32, check_arg=_positive_int,
+    _bcn, arg_name="groups", arg_type=int, default=32, check_arg=positive_int,
     batch_independent_train=False, folds="partial"))
 register(RecipeEntry(
     "bgn", "Batch Group Norm: batch statistics over G channel groups (Zhou et al.; G default 32, unverified)",
-    _bgn, arg_name="groups", arg_type=int, default=BGN_GROUPS, check_arg=_positive_int,
+    _bgn, arg_name="groups", arg_type=int, default=BGN_GROUPS, check_arg=positive_int,
     batch_independent_train=False, folds="yes"))
 register(RecipeEntry(
     "ghost", "Ghost BN: training statistics over virtual batches of B samples (default 16)",
-    _ghost, arg_name="batch", arg_type=int, default=16, check_arg=_positive_int,
+    _ghost, arg_name="batch", arg_type=int, default=16, check_arg=positive_int,
     batch_independent_train=False, folds="yes"))
 register(RecipeEntry(
     "bn+gn", "Batch+Group norm: statistics over 32 channel groups x pairs of samples (Summers & Dinneen)",
