@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normsurgeon.calibrate.stats import moments
+from normsurgeon.layers.moments import moment_sums as moments
 from normsurgeon.graph.modules import describe
 from normsurgeon.report import Change
 

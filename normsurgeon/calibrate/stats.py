@@ -5,7 +5,8 @@ batches, noise draws and ranks, so the result is the mean and variance of the wh
 (not a momentum average, not an average of per-batch variances, which drops the spread of the batch
 means: the mistake PITFALLS.md lists for AIMET and for torch's ``momentum=None``).
 
-Cost matters (the pass should run at eval-forward speed), so :func:`moments` reduces each sample's
+Cost matters (the pass should run at eval-forward speed), so ``moments``
+(:func:`normsurgeon.layers.moments.moment_sums`) reduces each sample's
 values of one statistic (its spatial positions) in the activation dtype, which PyTorch does with a
 pairwise/cascade sum (~1e-7 relative in float32), and pools those per-(sample, statistic) partials in
 float64. A float64 model is reduced in float64 throughout. This is about 3x faster on CPU than
@@ -17,21 +18,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-@torch.no_grad()
-def moments(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(sum_x, sum_x2, count)`` of ``v`` per index of dim 1, reduced over every other dim.
-
-    ``sum_x``/``sum_x2`` are float64 of shape ``(v.shape[1],)``; ``count`` is the number of values
-    per statistic.
-    """
-    v = v.detach()
-    n, c = v.shape[0], v.shape[1]
-    flat = v.reshape(n, c, -1)
-    per = flat.shape[2]
-    s = flat.sum(dim=2).double().sum(dim=0)
-    s2 = torch.linalg.vecdot(flat, flat, dim=2).double().sum(dim=0)
-    return s, s2, n * per
 
 
 @dataclass

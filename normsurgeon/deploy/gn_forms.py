@@ -100,7 +100,6 @@ def groupnorm_to_4d(model: onnx.ModelProto) -> int:
         hw = shp[2:]
         if any(d is None for d in hw):
             continue
-        k_ = c // groups
         init_add = {
             f"{p}_negmean_w": -_block_mean(c, groups, spatial),
             f"{p}_mean_w": _block_mean(c, groups, spatial),

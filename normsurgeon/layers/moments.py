@@ -6,9 +6,24 @@ moments become its running buffers (``load_moments``).
 """
 from __future__ import annotations
 
-import math
 
 import torch
+
+
+@torch.no_grad()
+def moment_sums(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(sum_x, sum_x2, count)`` of ``v`` per index of dim 1, reduced over every other dim.
+
+    ``sum_x``/``sum_x2`` are float64 of shape ``(v.shape[1],)``; ``count`` is the number of values
+    per statistic.
+    """
+    v = v.detach()
+    n, c = v.shape[0], v.shape[1]
+    flat = v.reshape(n, c, -1)
+    per = flat.shape[2]
+    s = flat.sum(dim=2).double().sum(dim=0)
+    s2 = torch.linalg.vecdot(flat, flat, dim=2).double().sum(dim=0)
+    return s, s2, n * per
 
 
 class RunningMoments:
@@ -25,13 +40,9 @@ class RunningMoments:
         """The axes of ``stat_view(x)`` that one statistic reduces over (all but dim 1)."""
         return tuple(d for d in range(self.stat_view(x).dim()) if d != 1)
 
-    @torch.no_grad()
     def batch_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``(sum_x, sum_x2, count)`` for one batch, float64, shaped like the running buffers."""
-        v = self.stat_view(x.detach()).double()
-        axes = self.moment_axes(x)
-        count = math.prod(v.shape[d] for d in axes)
-        return v.sum(dim=axes), (v * v).sum(dim=axes), count
+        return moment_sums(self.stat_view(x))
 
     def load_moments(self, mean: torch.Tensor, sq_mean: torch.Tensor, count: int) -> None:  # pragma: no cover
         raise NotImplementedError
