@@ -131,3 +131,22 @@ def test_unreachable_and_untracked_layers_are_reported():
     actions = {c.target: c.action for c in res.changes}
     assert actions == {"bn": "recalibrated", "free": "skipped", "unused": "skipped"}
     assert torch.equal(res.model.unused.running_var, net.unused.running_var)
+
+
+class Overflow(nn.Module):
+    """Finite data, but the second BN sees +inf: the model itself overflows float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.b1, self.b2 = nn.BatchNorm2d(2), nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        return self.b2(torch.exp(self.b1(x) * 200))
+
+
+def test_non_finite_statistics_name_the_layer_and_leave_the_input_alone():
+    net = Overflow().eval()
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(normsurgeon.errors.DataError, match=r"statistics of b2 are not finite"):
+        normsurgeon.recalibrate(net, torch.randn(8, 2, 4, 4), batch_size=4)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

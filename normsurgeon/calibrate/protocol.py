@@ -56,12 +56,12 @@ class BatchNormStats:
     @torch.no_grad()
     def use_batch(self, mean: torch.Tensor, sq_mean: torch.Tensor, count: int) -> None:
         """Make the eval forward normalize with this batch's statistics (biased var, as in training)."""
-        self._set(mean, (sq_mean - mean * mean).clamp_min(0))
+        self._set(mean, torch.addcmul(sq_mean, mean, mean, value=-1).clamp_min_(0))
 
     def _set(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         bn = self.module
-        bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
-        bn.running_var.copy_(var.to(bn.running_var.dtype))
+        bn.running_mean.copy_(mean)  # copy_ casts to the buffer's dtype
+        bn.running_var.copy_(var)
 
     def set_calls(self, calls: int) -> None:
         if getattr(self.module, "num_batches_tracked", None) is not None:
