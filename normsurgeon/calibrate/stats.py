@@ -5,19 +5,18 @@ batches, noise draws and ranks, so the result is the mean and variance of the wh
 (not a momentum average, not an average of per-batch variances, which drops the spread of the batch
 means: the mistake PITFALLS.md lists for AIMET and for torch's ``momentum=None``).
 
-Cost matters (the pass should run at eval-forward speed), so ``moments``
-(:func:`normsurgeon.layers.moments.moment_sums`) reduces each sample's
-values of one statistic (its spatial positions) in the activation dtype, which PyTorch does with a
-pairwise/cascade sum (~1e-7 relative in float32), and pools those per-(sample, statistic) partials in
-float64. A float64 model is reduced in float64 throughout. This is about 3x faster on CPU than
-casting the activation to float64 first, and as exact as the float32 activations themselves.
+Cost matters (the pass should run at eval-forward speed), so
+:func:`normsurgeon.layers.moments.moment_sums` takes partial sums in the activation dtype (per
+sample over its positions, or per position over the batch when there are few positions; ~1e-7
+relative in float32) and pools those partials in float64. A float64 model is reduced in float64
+throughout. This is several times faster on CPU than casting the activation to float64 first, and as
+exact as the float32 activations themselves (``benchmarks/moment_reductions.py`` compares the ways).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
-
 
 
 @dataclass
