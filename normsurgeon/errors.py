@@ -24,6 +24,10 @@ class RecipeError(NormSurgeonError):
     """Unknown recipe or bad recipe argument."""
 
 
+class PatternError(NormSurgeonError):
+    """A layer-name pattern (--keep, --layer) that matches no layer: most likely a typo."""
+
+
 class TraceError(NormSurgeonError):
     """The model cannot be traced and no fallback path applies."""
 

@@ -196,3 +196,37 @@ def test_help_does_not_import_torch(args):
 def test_module_entry_point_and_version():
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("normsurgeon ")
+
+
+@pytest.mark.parametrize("args", [
+    ("equalize", "--bogus"),                                     # unknown option
+    ("convert",),                                                # missing argument
+    ("nosuchverb",),                                             # unknown command
+    ("equalize", "normsurgeon.calibrate.digits_cnn:digits_cnn", "--iters", "abc", "-o", "x.pt"),  # bad type
+], ids=["unknown-option", "missing-argument", "unknown-command", "bad-type"])
+def test_usage_mistakes_are_one_error_line(tmp_path, args):
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and "╭" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bare_command_prints_help_and_succeeds():
+    r = run_cli()
+    assert r.returncode == 0 and "Usage" in r.stdout and "convert" in r.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ("convert", "torchvision:resnet18", "--to", "gn", "--keep", "layer9.*"),
+    ("convert", "torchvision:resnet18", "--to", "gn", "--layer", "layr1.*=frozen"),
+    ("fold", "torchvision:resnet18", "--keep", "nope*"),
+], ids=["convert-keep", "convert-layer", "fold-keep"])
+def test_layer_pattern_matching_nothing_is_an_error(tmp_path, args):
+    out = tmp_path / "m.pt"
+    r = run_cli(*args, "--input-shape", "1,3,32,32", "-o", str(out))
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "matches no layer" in lines[0] and "Traceback" not in r.stderr
+    assert not out.exists()

@@ -86,3 +86,19 @@ def test_cli_equalize(tmp_path):
     assert rep["verification"]["ok"] and rep["info"]["weight_norm_after"] < rep["info"]["weight_norm_before"]
     back = normsurgeon.load_model(str(out))
     assert weight_norm(back) == pytest.approx(rep["info"]["weight_norm_after"], rel=1e-6)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1"])
+def test_cli_rejects_non_finite_or_non_positive_c(tmp_path, value):
+    out = tmp_path / "eq.pt"
+    r = run_cli("equalize", "normsurgeon.calibrate.digits_cnn:digits_cnn", "--c", value, "-o", str(out))
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr and "internal error" not in r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kw", [{"c": math.inf}, {"c": math.nan}, {"c": 0.0}, {"iters": -1}, {"iters": 2.5}])
+def test_api_rejects_bad_settings_as_user_errors(kw):
+    with pytest.raises(normsurgeon.errors.RecipeError):
+        normsurgeon.equalize(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), input_shape=(2, 3), **kw)

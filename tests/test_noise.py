@@ -107,6 +107,13 @@ def test_bad_noise_options():
     net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
     x = torch.randn(4, 1, 2, 2)
     for kw in ({"noise_mode": "resample"}, {"noise": "weight:0.1", "noise_samples": 2},
-               {"noise": "weight:0.1", "noise_mode": "chip"}, {"noise": "weight:0.1", "noise_seed": -1}):
+               {"noise": "weight:0.1", "noise_mode": "chip"}, {"noise": "weight:0.1", "noise_seed": -1},
+               {"noise_seed": 3}):
         with pytest.raises(NoiseSpecError):
             normsurgeon.recalibrate(net, x, batch_size=2, **kw)
+
+
+def test_evaluate_refuses_a_seed_without_noise():
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(NoiseSpecError, match="--noise-seed needs --noise"):
+        normsurgeon.evaluate(net, (torch.randn(4, 1, 2, 2), torch.tensor([0, 1, 0, 1])), noise_seed=0)

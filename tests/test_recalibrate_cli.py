@@ -22,6 +22,7 @@ def test_recalibrate_then_evaluate_same_noise_instance(model_file, tmp_path):
     r = run_cli("recalibrate", str(model_file), "--data", "digits:train", "-o", str(out), "--noise", "weight:0.1",
                 "--noise-seed", "5", "--samples", "640", "--batch-size", "64", "--json")
     assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # no progress bar (nor its blank line) when stderr is not a terminal
     rep = json.loads(r.stdout)
     assert rep["verb"] == "recalibrate" and rep["summary"] == {"recalibrated": 3} and rep["samples"] == 640
     import normsurgeon
@@ -33,6 +34,7 @@ def test_recalibrate_then_evaluate_same_noise_instance(model_file, tmp_path):
         torch.testing.assert_close(saved.state_dict()[k], v, rtol=1e-5, atol=1e-6)
     e = run_cli("evaluate", str(out), "--data", "digits:test", "--noise", "weight:0.1", "--noise-seed", "5", "--json")
     assert e.returncode == 0, e.stderr
+    assert e.stderr == ""
     got = json.loads(e.stdout)
     want = normsurgeon.evaluate(api, "digits:test", noise="weight:0.1", noise_seed=5)
     assert abs(got["accuracy"] - want["accuracy"]) <= 1 / 359 and got["samples"] == 359 and got["accuracy"] >= 0.95

@@ -26,6 +26,28 @@ def test_revisited_init_sets_every_norm_scale(resnet):
     assert res.verification.tolerance is None
 
 
+def test_revisited_init_leaves_kept_and_frozen_layers_alone(resnet):
+    """--keep means untouched; a frozen layer's affine is a buffer training could never move back."""
+    from normsurgeon.layers import FrozenBatchNorm
+
+    before = dict(resnet.named_modules())
+    res = normsurgeon.convert(resnet, "gn+ws", input_shape=SHAPE, init="revisited", keep=["layer4.*"],
+                              layers={"layer1.*": "frozen"})
+    after = dict(res.model.named_modules())
+    kept = [n for n, m in after.items() if n.startswith("layer4.") and isinstance(m, torch.nn.BatchNorm2d)]
+    assert kept
+    for n in kept:
+        assert torch.equal(after[n].weight, before[n].weight) and torch.equal(after[n].bias, before[n].bias), n
+    frozen = [n for n, m in after.items() if isinstance(m, FrozenBatchNorm)]
+    assert frozen and all(n.startswith("layer1.") for n in frozen)
+    for n in frozen:
+        torch.testing.assert_close(after[n].weight, before[n].weight.detach(), rtol=0, atol=0)
+    skipped = {c.target for c in res.changes if c.action == "skipped" and "--init" in c.detail}
+    assert skipped == set(frozen)
+    converted = [m for n, m in after.items() if isinstance(m, torch.nn.GroupNorm)]
+    assert converted and all(torch.all(m.weight == 0.1) for m in converted)
+
+
 def test_revisited_init_leaves_proxy_parameters_alone(resnet):
     res = normsurgeon.convert(resnet, "gn+pn", input_shape=SHAPE, init="revisited")
     pn = res.model.bn1_post

@@ -28,7 +28,7 @@ def evaluate(
     data: Any,
     *,
     noise: Any = None,
-    noise_seed: int = 0,
+    noise_seed: int | None = None,
     batch_size: int = DEFAULT_EVAL_BATCH,
     samples: int | None = None,
     image_size: int | None = None,
@@ -42,7 +42,7 @@ def evaluate(
     ``"weight:ETA"``; ``noise_seed`` picks the instance.
     """
     spec = parse_noise(noise)
-    check_seed(noise_seed)
+    noise_seed = check_seed(noise_seed, spec)
     dataset = as_dataset(data, image_size=image_size, mean=mean, std=std)
     if not dataset.has_labels:
         raise DataError(f"{dataset.name} has no labels y: evaluate needs one class index per sample")

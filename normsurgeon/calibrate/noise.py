@@ -68,7 +68,17 @@ def parse_noise(spec: "str | NoiseSpec | None") -> NoiseSpec | None:
     return NoiseSpec(kind, eta)
 
 
-def check_seed(seed: int) -> int:
+def check_seed(seed: int | None, spec=None) -> int:
+    """The noise seed to use: ``None`` means 0; a seed given without noise is a mistake (it would be
+    silently ignored)."""
+    if seed is None:
+        return 0
+    if spec is None:
+        raise NoiseSpecError("--noise-seed needs --noise weight:ETA: without noise there is no instance to pick")
+    return valid_seed(seed)
+
+
+def valid_seed(seed: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise NoiseSpecError(f"bad --noise-seed {seed!r}: use an integer >= 0")
     return seed
@@ -94,11 +104,11 @@ def stream_seed(*stream: int) -> int:
 
 
 def fixed_stream(seed: int) -> tuple[int, ...]:
-    return (check_seed(seed), 0)
+    return (valid_seed(seed), 0)
 
 
 def resample_stream(seed: int, batch: int, draw: int) -> tuple[int, ...]:
-    return (check_seed(seed), 1, int(batch), int(draw))
+    return (valid_seed(seed), 1, int(batch), int(draw))
 
 
 class WeightNoise:

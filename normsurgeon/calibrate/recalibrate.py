@@ -69,7 +69,7 @@ def recalibrate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     noise: Any = None,
     noise_mode: str = "fixed",
-    noise_seed: int = 0,
+    noise_seed: int | None = None,
     noise_samples: int = 1,
     shuffle: bool = True,
     verify: bool = False,
@@ -91,7 +91,7 @@ def recalibrate(
     spec = parse_noise(noise)
     if noise_mode not in NOISE_MODES:
         raise NoiseSpecError(f"bad --noise-mode {noise_mode!r}: use fixed or resample")
-    check_seed(noise_seed)
+    noise_seed = check_seed(noise_seed, spec)
     if isinstance(noise_samples, bool) or not isinstance(noise_samples, int) or noise_samples < 1:
         raise NoiseSpecError(f"bad --noise-samples {noise_samples!r}: use an integer >= 1")
     if spec is None and (noise_mode != "fixed" or noise_samples != 1):

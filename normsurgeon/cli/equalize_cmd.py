@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         trust_pickle: bool = common.trust_opt(),
         input_shape: Optional[str] = common.input_shape_opt(),
         iters: int = typer.Option(10, "--iters", min=0, help="Sinkhorn sweeps over all layer pairs."),
-        c: float = typer.Option(1.0, "--c", min=1e-6, help="ENorm asymmetry: 1 minimizes the plain L2 norm of the weights (the reference trained with 1.1 for conv nets)."),
+        c: float = typer.Option(1.0, "--c", help="ENorm asymmetry: 1 minimizes the plain L2 norm of the weights (the reference trained with 1.1 for conv nets)."),
         verify: bool = typer.Option(False, "--verify", help="Fail if outputs change by more than 1e-5 relative."),
         force: bool = common.force_opt(),
         as_json: bool = common.json_opt(),

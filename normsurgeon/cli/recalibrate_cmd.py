@@ -23,7 +23,10 @@ def floats(text: Optional[str], flag: str):
 
 
 def progress_bar(total: int, label: str):
-    """A rich progress bar on stderr showing samples/s; returns (context, callback)."""
+    """A rich progress bar on stderr showing samples/s; returns (context, callback). When stderr is
+    not a terminal (logs, CI, pipes) there is no bar and nothing is printed."""
+    if not common.err_console().is_terminal:
+        return _null(), lambda n: None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
     from rich.text import Text
 
@@ -51,7 +54,7 @@ def register(app: typer.Typer) -> None:
                                             "noise with std ETA*max|W| per conv/linear layer."),
         noise_mode: str = typer.Option("fixed", "--noise-mode", help="fixed: one noise instance (a given chip); "
                                        "resample: fresh noise per batch, statistics for any chip."),
-        noise_seed: int = typer.Option(0, "--noise-seed", help="Noise instance (fixed) or stream (resample)."),
+        noise_seed: Optional[int] = typer.Option(None, "--noise-seed", help="Noise instance (fixed) or stream (resample)."),
         noise_samples: int = typer.Option(1, "--noise-samples", help="resample: noise draws per batch (K)."),
         image_size: Optional[int] = typer.Option(None, "--image-size", help="Image folders: resize and crop to this (default 224)."),
         mean: Optional[str] = typer.Option(None, "--mean", help="Image folders: per-channel mean (default ImageNet's)."),

@@ -44,6 +44,18 @@ def matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
 
 
+def check_patterns_used(patterns, names, flag: str) -> None:
+    """Raise PatternError for the first pattern that matches none of ``names`` (layer names)."""
+    from normsurgeon.errors import PatternError
+
+    names = [n for n in names if n]
+    for p in patterns or ():
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            example = next((n for n in names if "." in n), names[0] if names else "layer1.0.bn1")
+            raise PatternError(f"{flag} pattern {p!r} matches no layer of the model; names look like {example!r} "
+                               "(normsurgeon inspect lists them; patterns are shell-style globs)")
+
+
 def param_like(m: nn.Module) -> torch.Tensor | None:
     for t in list(m.parameters()) + list(m.buffers()):
         if t.is_floating_point():

@@ -21,6 +21,7 @@ from normsurgeon.graph.modules import (
     ACTIVATION_FUNCTIONS,
     ACTIVATION_METHODS,
     ACTIVATION_TYPES,
+    check_patterns_used,
     describe,
     is_batchnorm,
     matches,
@@ -88,7 +89,10 @@ def convert(
         _convert_swap(new, recipe, overrides, keep, uses, changes)
         changes.insert(0, Change("<model>", "fallback", detail=fx_error))
 
-    train_options.apply_init(new, init, changes)
+    seen = [n for n, _ in model.named_modules()] + [n for n, _ in new.named_modules()] + [c.target for c in changes]
+    check_patterns_used(keep, seen, "--keep")
+    check_patterns_used(list(layers or {}), seen, "--layer")
+    train_options.apply_init(new, init, changes, keep=keep)
     if input_norm:
         train_options.prepend_input_norm(new, x, changes)
     new.eval()

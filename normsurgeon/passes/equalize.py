@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Callable
@@ -38,7 +39,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.conv import _ConvNd
 
 from normsurgeon import provenance
-from normsurgeon.errors import TraceError, VerificationError
+from normsurgeon.errors import RecipeError, TraceError, VerificationError
 from normsurgeon.graph.probe import probe_input
 from normsurgeon.graph.trace import try_trace
 from normsurgeon.graph.verify import compare
@@ -324,10 +325,10 @@ def equalize(model: nn.Module, *, iters: int = 10, c: float = 1.0, verify: bool 
     eval outputs change by more than 1e-5 relative. Only tensor values change (provenance
     ``replay: False``).
     """
-    if iters < 0:
-        raise ValueError("iters must be >= 0")
-    if not c > 0:
-        raise ValueError("c must be positive")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise RecipeError(f"bad --iters {iters!r}: use an integer >= 0")
+    if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
+        raise RecipeError(f"bad --c {c!r}: use a finite positive number (1 minimizes the plain L2 norm)")
     x = probe_input(model, tuple(input_shape) if input_shape else None)
     new = copy.deepcopy(model)
     plan = build_plan(new, x)

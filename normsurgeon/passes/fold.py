@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from normsurgeon import provenance
 from normsurgeon.errors import TraceError, VerificationError
-from normsurgeon.graph.modules import describe, set_submodule
+from normsurgeon.graph.modules import check_patterns_used, describe, set_submodule
 from normsurgeon.graph.probe import probe_input
 from normsurgeon.graph.trace import try_trace
 from normsurgeon.graph.verify import compare
@@ -84,6 +84,7 @@ def fold(
         if hasattr(model, attr) and not hasattr(new, attr):
             setattr(new, attr, getattr(model, attr))
     changes = list(dict.fromkeys(changes))  # a layer reported by two stages once
+    check_patterns_used(keep, [n for n, _ in model.named_modules()] + [c.target for c in changes], "--keep")
     fold_s = time.perf_counter() - t0
     try:
         ver = compare(model, new, x, TOLERANCE)

@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from normsurgeon.errors import RecipeError
-from normsurgeon.graph.modules import set_submodule
+from normsurgeon.graph.modules import matches, set_submodule
 from normsurgeon.report import Change
 
 INIT_CHOICES = ("revisited",)
@@ -33,17 +33,26 @@ def _norm_with_scale(m: nn.Module) -> bool:
     import normsurgeon.layers as L
 
     types = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, L.EstimatedBatchNorm, L.ChannelGroupNorm,
-             L.BatchGroupNorm, L.GeneralizedBatchNorm, L.FrozenBatchNorm)
+             L.BatchGroupNorm, L.GeneralizedBatchNorm)
     return isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor)
 
 
-def apply_init(model: nn.Module, init: str | None, changes: list[Change]) -> None:
-    """Re-initialize every normalization layer's affine (gamma 0.1, beta 0) for ``revisited``."""
+def apply_init(model: nn.Module, init: str | None, changes: list[Change], keep=()) -> None:
+    """Re-initialize every normalization layer's affine (gamma 0.1, beta 0) for ``revisited``.
+
+    Layers matching ``keep`` (convert's ``--keep``) and frozen BN layers (fixed buffers, which
+    training could never move back) are left alone; frozen ones are reported as skipped."""
+    from normsurgeon.layers import FrozenBatchNorm
+
     check_init(init)
     if init is None:
         return
     for name, m in model.named_modules():
-        if not _norm_with_scale(m):
+        if isinstance(m, FrozenBatchNorm):
+            changes.append(Change(name, "skipped", type(m).__name__, type(m).__name__,
+                                  f"--init {init} not applied: frozen, its affine is a fixed buffer training cannot move"))
+            continue
+        if not _norm_with_scale(m) or matches(name, keep):  # kept layers are already reported as kept
             continue
         with torch.no_grad():
             m.weight.fill_(REVISITED_GAMMA)
