@@ -112,23 +112,32 @@ def _timm(name: str):
 
 
 def _factory(module_name: str, attr: str):
+    spec = f"{module_name}:{attr}"
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         raise ModelSpecError(
-            f"cannot import {module_name!r} for MODEL {module_name}:{attr} ({e}); "
+            f"cannot import {module_name!r} for MODEL {spec} ({e}); "
             "run from the directory holding it or add it to PYTHONPATH"
         ) from None
+    except Exception as e:  # noqa: BLE001 - the user's module failed while importing
+        raise ModelSpecError(f"importing {module_name} for MODEL {spec} failed: "
+                             f"{type(e).__name__}: {_first_line(e)}; fix the module") from None
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         raise ModelSpecError(f"{module_name} has no callable {attr!r} to build the model")
-    model = fn()
+    try:
+        model = fn()
+    except Exception as e:  # noqa: BLE001 - the user's factory failed (or needs arguments)
+        raise ModelSpecError(f"calling {spec}() failed: {type(e).__name__}: {_first_line(e)}; "
+                             "the spec must name a callable that builds the model with no arguments") from None
     import torch
 
     if not isinstance(model, torch.nn.Module):
-        raise ModelSpecError(f"{module_name}:{attr}() returned {type(model).__name__}, not a torch.nn.Module")
+        raise ModelSpecError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module; "
+                             "the spec must name a callable that builds the model with no arguments")
     return model
 
 
@@ -252,9 +261,22 @@ def _load_state(model, state: dict, where: str) -> None:
 
 # ------------------------------------------------------------------------------------------ saving
 
-def check_output(path: str | os.PathLike, force: bool = False) -> Path:
-    """Fail early (before any work) if ``path`` exists without ``force`` or its folder is missing."""
+OUTPUT_KINDS = ("model", "onnx")
+
+
+def check_output(path: str | os.PathLike, force: bool = False, kind: str = "model") -> Path:
+    """Fail early (before any work) if ``path`` exists without ``force``, its folder is missing, or its
+    extension does not fit ``kind``: "model" (a PyTorch model, anything but .onnx) or "onnx"."""
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"kind must be one of {OUTPUT_KINDS}, not {kind!r}")
     out = Path(path)
+    is_onnx = out.suffix.lower() == ".onnx"
+    if kind == "model" and is_onnx:
+        raise OutputExistsError(f"cannot write {out.name}: this command writes a PyTorch model, so name the "
+                                "output .pt or .safetensors; use `normsurgeon export` for ONNX")
+    if kind == "onnx" and not is_onnx:
+        raise OutputExistsError(f"cannot write {out.name}: export writes ONNX, so name the output .onnx "
+                                "(convert, fold, equalize and recalibrate write PyTorch models)")
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
     if out.exists() and out.is_dir():
@@ -296,8 +318,15 @@ def _atomic(out: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what a plain open() would
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set straight back
+    os.umask(mask)
+    return mask

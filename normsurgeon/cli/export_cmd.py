@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
         weights: Optional[str] = common.weights_opt(),
         trust_pickle: bool = common.trust_opt(),
         input_shape: Optional[str] = common.input_shape_opt(),
-        opset: int = typer.Option(20, "--opset", help="ONNX opset (20 keeps GroupNorm on ORT's native InstanceNorm path)."),
+        opset: int = typer.Option(20, "--opset", help="ONNX opset (20 keeps GroupNorm on ORT's native InstanceNorm path; below 18 uses the TorchScript exporter)."),
         dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Make the batch dimension dynamic."),
         fp16: bool = typer.Option(False, "--fp16", help="fp16 weights and compute (fp32 inputs/outputs)."),
         no_fold: bool = typer.Option(False, "--no-fold", help="Export as is, without folding first."),
@@ -30,14 +30,16 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Fold, export to ONNX, optimize the graph (no BatchNormalization, no constant-only nodes),
         run the ONNX checker and optionally verify with ONNX Runtime."""
-        from normsurgeon.deploy.export import export_onnx
+        from normsurgeon.deploy.export import check_options, export_onnx
         from normsurgeon.graph.probe import parse_shape
         from normsurgeon.model_io import check_output
 
-        check_output(output, force)
+        check_output(output, force, kind="onnx")
+        check_options(opset, exporter, channel_affine)  # bad options fail before the model is loaded
+        shape = parse_shape(input_shape)
         m = common.load(model, weights, trust_pickle)
         with common.status("exporting"):
-            rep = export_onnx(m, output, input_shape=parse_shape(input_shape), opset=opset,
+            rep = export_onnx(m, output, input_shape=shape, opset=opset,
                               dynamic_batch=dynamic_batch, fp16=fp16, fold=not no_fold, verify=verify,
                               exporter=exporter, channel_affine=channel_affine, keep=tuple(keep), force=force)
         if as_json:

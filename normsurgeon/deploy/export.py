@@ -2,9 +2,10 @@
 
 Pipeline (ONNX-NOTES.md §7): fold in PyTorch (BN and weight standardization never reach the file) ->
 ``torch.onnx.export`` (dynamo by default, opset 20 so GroupNorm keeps the InstanceNorm form ORT runs
-natively; the TorchScript exporter is the fallback and is ~1.5x faster to run) -> constant folding to a
-fixed point (no node with only constant inputs is left) -> the GroupNorm form -> ``onnx.checker`` ->
-ONNX Runtime parity against the unfolded PyTorch model.
+natively; the TorchScript exporter is the fallback, is ~1.5x faster to run and does opsets below 18,
+which the dynamo exporter silently raises to 18) -> constant folding to a fixed point (no node with only
+constant inputs is left) -> the GroupNorm form -> ``onnx.checker`` -> ONNX Runtime parity against the
+unfolded PyTorch model.
 
 Everything is written to a temporary folder beside the target and renamed at the end, so a failed
 export or a failed ``verify`` leaves nothing behind.
@@ -28,6 +29,8 @@ from normsurgeon.errors import NormSurgeonError, VerificationError
 EXTERNAL_DATA_BYTES = 1536 << 20  # above this the weights go to PATH.data (protobuf's limit is 2 GiB)
 TOLERANCE = {False: 1e-4, True: 1e-2}  # max |ort - torch| / max |torch|, fp32 / fp16 (issue 3)
 EXPORTERS = ("auto", "dynamo", "torchscript")
+DYNAMO_MIN_OPSET = 18  # torch's dynamo exporter writes opset >= 18 (it silently upgrades lower requests)
+TORCHSCRIPT_MAX_OPSET = 20
 
 
 class ExportError(NormSurgeonError):
@@ -80,7 +83,9 @@ def export_onnx(
 ) -> ExportReport:
     """Export ``model`` (eval mode) to ``path``. See the module docstring for the pipeline.
 
-    ``exporter``: auto (dynamo, falling back to TorchScript if dynamo fails), dynamo or torchscript.
+    ``exporter``: auto (dynamo, falling back to TorchScript if dynamo fails; TorchScript below opset 18),
+    dynamo (opset 18 and later) or torchscript (opset 20 at most). The written file's opset is checked
+    to be ``opset``.
     ``channel_affine``: conv (per-channel Mul/Add pairs, e.g. GroupNorm's affine or fold's leftover
     ChannelAffine, as one depthwise 1x1 Conv: fastest on ORT CPU) or mul-add (the exporter's form, which
     ORT's CUDA GroupNorm fusion matches).
@@ -96,24 +101,14 @@ def export_onnx(
     from normsurgeon.model_io import check_output
 
     t_start = time.perf_counter()
-    out = check_output(path, force)
-    if exporter not in EXPORTERS:
-        raise ExportError(f"unknown exporter {exporter!r}: use one of {', '.join(EXPORTERS)}")
-    if channel_affine not in onnx_opt.CHANNEL_AFFINE_FORMS:
-        raise ExportError(f"unknown channel-affine form {channel_affine!r}: use one of "
-                          f"{', '.join(onnx_opt.CHANNEL_AFFINE_FORMS)}")
-    from normsurgeon.deploy.gn_forms import FORMS as GN_FORMS
-
-    if groupnorm not in GN_FORMS:
-        raise ExportError(f"unknown GroupNorm form {groupnorm!r}: use one of {', '.join(GN_FORMS)}")
-    if not 7 <= int(opset) <= 23:
-        raise ExportError(f"opset {opset} is outside what torch.onnx exports (7..23); 20 is the default")
+    out = check_output(path, force, kind="onnx")
+    exporter, notes = check_options(opset, exporter, channel_affine, groupnorm)
     original = model.eval()
     shape = tuple(int(d) for d in input_shape) if input_shape else default_input_shape(model, batch=1)
     seconds: dict[str, float] = {}
     report = ExportReport(path=str(out), data_path=None, exporter=exporter, opset=int(opset),
                           input_shape=list(shape), dynamic_batch=dynamic_batch, fp16=fp16, folded=fold,
-                          channel_affine=channel_affine)
+                          channel_affine=channel_affine, notes=notes)
     if fold:
         from normsurgeon.passes.fold import fold as fold_pass
 
@@ -149,6 +144,11 @@ def export_onnx(
     if report.batchnorm_nodes:
         report.notes.append(f"{report.batchnorm_nodes} BatchNormalization node(s) remain"
                             + (" (layers kept or not foldable; see `normsurgeon fold`)" if fold else " (--no-fold)"))
+
+    written = _default_opset(proto)
+    if written != int(opset):  # never report an opset the file does not have
+        raise ExportError(f"the {used} export came out at opset {written}, not the requested {opset}; "
+                          f"nothing written: ask for --opset {written} or try another --exporter")
 
     tmpdir = Path(tempfile.mkdtemp(prefix=".ns-export-", dir=out.parent))
     try:
@@ -192,8 +192,44 @@ def _flatten(out):
     return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
+def check_options(opset: int, exporter: str, channel_affine: str = "conv",
+                  groupnorm: str = "instancenorm") -> tuple[str, list[str]]:
+    """Refuse bad export options before any work. Returns the exporter to run (auto becomes torchscript
+    below the dynamo exporter's lowest opset) and a note saying so."""
+    from normsurgeon.deploy import onnx_opt
+    from normsurgeon.deploy.gn_forms import FORMS as GN_FORMS
+
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}: use one of {', '.join(EXPORTERS)}")
+    if channel_affine not in onnx_opt.CHANNEL_AFFINE_FORMS:
+        raise ExportError(f"unknown channel-affine form {channel_affine!r}: use one of "
+                          f"{', '.join(onnx_opt.CHANNEL_AFFINE_FORMS)}")
+    if groupnorm not in GN_FORMS:
+        raise ExportError(f"unknown GroupNorm form {groupnorm!r}: use one of {', '.join(GN_FORMS)}")
+    opset = int(opset)
+    if not 7 <= opset <= 23:
+        raise ExportError(f"opset {opset} is outside what torch.onnx exports (7..23); 20 is the default")
+    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
+        raise ExportError(f"the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or later (asked {opset}); "
+                          "use --exporter torchscript (or auto) for a lower opset")
+    if exporter == "torchscript" and opset > TORCHSCRIPT_MAX_OPSET:
+        raise ExportError(f"the TorchScript exporter writes opset {TORCHSCRIPT_MAX_OPSET} at most (asked "
+                          f"{opset}); use --exporter dynamo (or auto) or --opset {TORCHSCRIPT_MAX_OPSET}")
+    if groupnorm == "nchw" and opset < 13:
+        raise ExportError(f"the nchw GroupNorm form needs opset 13 or later (asked {opset}): its Resize takes "
+                          "an empty roi input; use groupnorm='instancenorm' or a later opset")
+    if exporter == "auto" and opset < DYNAMO_MIN_OPSET:
+        return "torchscript", [f"used the TorchScript exporter: the dynamo exporter writes opset "
+                               f"{DYNAMO_MIN_OPSET} or later (asked {opset})"]
+    return exporter, []
+
+
+def _default_opset(proto) -> int | None:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def _export(model, x, opset, dynamic_batch, exporter, out_names, notes):
-    """(ModelProto, exporter used)."""
+    """(ModelProto, exporter used). ``exporter`` and ``opset`` went through ``check_options``."""
     if exporter in ("auto", "dynamo"):
         try:
             return _dynamo(model, x, opset, dynamic_batch, out_names), "dynamo"
@@ -202,11 +238,13 @@ def _export(model, x, opset, dynamic_batch, exporter, out_names, notes):
             if exporter == "dynamo":
                 raise ExportError(f"torch.onnx dynamo export failed ({type(e).__name__}: {first}); "
                                   "try --exporter torchscript") from None
+            if opset > TORCHSCRIPT_MAX_OPSET:
+                raise ExportError(f"torch.onnx dynamo export failed ({type(e).__name__}: {first}); the "
+                                  f"TorchScript fallback stops at opset {TORCHSCRIPT_MAX_OPSET}: "
+                                  f"try --opset {TORCHSCRIPT_MAX_OPSET}") from None
             notes.append(f"dynamo export failed ({type(e).__name__}: {first}); used the TorchScript exporter")
-    if opset > 20:
-        notes.append(f"the TorchScript exporter stops at opset 20 (asked {opset}); exported at 20")
     try:
-        return _torchscript(model, x, min(opset, 20), dynamic_batch, out_names), "torchscript"
+        return _torchscript(model, x, opset, dynamic_batch, out_names), "torchscript"
     except Exception as e:  # noqa: BLE001
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ExportError(f"torch.onnx export failed ({type(e).__name__}: {first})") from None
@@ -246,7 +284,14 @@ def _torchscript(model, x, opset, dynamic_batch, out_names):
         p = os.path.join(d, "model.onnx")
         torch.onnx.export(model, (x,), p, dynamo=False, opset_version=opset, input_names=["input"],
                           output_names=out_names, dynamic_axes=axes, do_constant_folding=True)
-        return onnx.load(p)
+        proto = onnx.load(p)
+    if proto.ir_version < 4:  # opset 7-8 come as IR 3, where every weight is also a graph input
+        proto.ir_version = 4
+        weights = {t.name for t in proto.graph.initializer}
+        inputs = [i for i in proto.graph.input if i.name not in weights]
+        del proto.graph.input[:]
+        proto.graph.input.extend(inputs)
+    return proto
 
 
 def _save(proto, path: Path, external: bool) -> None:
