@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         model: str = common.model_arg(),
         provider: str = typer.Option("auto", "--provider", help="auto (best available, says which), cuda, cpu or tensorrt."),
         batch_size: str = typer.Option("1,8,32", "--batch-size", help="Comma-separated batch sizes."),
-        fp16: bool = typer.Option(False, "--fp16", help="fp16 model (exported with --fp16)."),
+        fp16: bool = typer.Option(False, "--fp16", help="Export MODEL in fp16 (an .onnx file runs as it is: give an fp16 one)."),
         compare: Optional[str] = typer.Option(None, "--compare", help="A second MODEL (or .onnx) timed interleaved with the first; prints ratios."),
         weights: Optional[str] = common.weights_opt(),
         trust_pickle: bool = common.trust_opt(),
@@ -41,10 +41,11 @@ def register(app: typer.Typer) -> None:
         """Latency (p50/p90/p99) and throughput on ONNX Runtime, with a PyTorch eager reference row.
         A MODEL that is not an .onnx file is folded and exported on the fly."""
         from normsurgeon.deploy import ort
-        from normsurgeon.deploy.bench import bench
+        from normsurgeon.deploy.bench import bench, check_settings
         from normsurgeon.graph.probe import parse_shape
 
         batches = _batches(batch_size)
+        check_settings(runs=runs, warmup=warmup, threads=threads)  # before loading anything
         ort.choose(provider)  # fail before loading anything when the provider is missing
         shape = parse_shape(input_shape)
         a = model if model.endswith(".onnx") else common.load(model, weights, trust_pickle)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from normsurgeon.errors import ModelSpecError
+from normsurgeon.errors import DataError, ModelSpecError, NormSurgeonError
 
 
 @dataclass
@@ -81,6 +81,9 @@ def bench(
 
     ``runs`` timed runs per row (at least ``min_seconds`` of them), after ``warmup`` untimed ones.
     ``threads``: intra-op threads for ORT and torch (default: each library's own default).
+    All targets get one input shape: ``input_shape``, else a fixed shape from an .onnx file, else the
+    module's own; an .onnx file that cannot take it is an error. A given .onnx file runs as it is, so
+    ``fp16`` (export in fp16) is refused for an fp32 file.
     """
     import torch
 
@@ -89,18 +92,27 @@ def bench(
     batch_sizes = [int(b) for b in batch_sizes]
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise ModelSpecError("batch sizes must be positive integers, e.g. 1,8,32")
+    check_settings(runs=runs, warmup=warmup, threads=threads, min_seconds=min_seconds)
     choice = ort.choose(provider)
-    rep = BenchReport(provider=choice.name, provider_note=choice.note, precision="fp16" if fp16 else "fp32",
-                      input_shape=[])
-    if threads:
+    models = [model] if compare is None else [model, compare]
+    files = [_read_onnx(m) if _is_onnx(m) else None for m in models]
+    for m, f in zip(models, files):
+        if f is None and not hasattr(m, "forward"):
+            raise ModelSpecError(f"cannot benchmark {type(m).__name__}: pass an nn.Module or an .onnx path")
+    shape, note = _common_shape(input_shape, models, files, labels)
+    rep = BenchReport(provider=choice.name, provider_note=choice.note, precision=_precision(fp16, files, labels),
+                      input_shape=shape, notes=[note] if note else [])
+    if threads is not None:
         torch.set_num_threads(int(threads))
     if compare is not None:
         rep.notes.append("sessions timed in turn run with intra-op spinning off (fair interleaving)")
     with tempfile.TemporaryDirectory(prefix="ns-bench-") as work:
-        targets = [_prepare(model, labels[0], work, input_shape, fp16, rep)]
-        if compare is not None:
-            targets.append(_prepare(compare, labels[1], work, input_shape, fp16, rep))
-        shape = tuple(rep.input_shape)
+        targets = []
+        for m, f, label, name in zip(models, files, labels, ("model", "compare")):
+            if f is not None:
+                targets.append(_Target(label, str(m), None, f.dims[0] if f.dims else None))
+            else:  # the user's text is only a label: the export goes to a fixed name inside ``work``
+                targets.append(_export(m, label, os.path.join(work, f"{name}.onnx"), fp16, rep))
         for b in batch_sizes:
             usable = [t for t in targets if t.static_batch in (None, b)]
             for t in targets:
@@ -109,9 +121,12 @@ def bench(
             if not usable:
                 continue
             x = np.random.default_rng(0).standard_normal((b, *shape[1:])).astype(np.float32)
-            sessions = [ort.session(t.onnx_path, choice, threads=threads, spinning=len(usable) == 1)
-                        for t in usable]
-            runners = [_ort_runner(s, x, choice) for s in sessions]
+            sessions = [_user_file_call(t, f"ONNX Runtime cannot load {t.label}; check that the file is a complete "
+                                        "model this ONNX Runtime supports", ort.session, t.onnx_path, choice,
+                                        threads=threads, spinning=len(usable) == 1) for t in usable]
+            runners = [_user_file_call(t, f"ONNX Runtime cannot run {t.label} on a {_fmt(x.shape)} input; check "
+                                       "--input-shape and --batch-size against the file", _ort_runner, s, x, choice)
+                       for t, s in zip(usable, sessions)]
             times = _interleaved(runners, warmup, runs, min_seconds)
             for t, ts in zip(usable, times):
                 rep.rows.append(_row(t.label, f"ort-{choice.name}", b, ts))
@@ -158,33 +173,120 @@ def time_onnx(paths: dict[str, str], x: np.ndarray, *, provider: str = "cpu", wa
     return {k: _row(k, f"ort-{choice.name}", x.shape[0], ts) for k, ts in zip(sessions, times)}
 
 
-def _prepare(model, label: str, work: str, input_shape, fp16: bool, rep: BenchReport) -> _Target:
-    """An .onnx path for ``model``: given, or exported (folded, dynamic batch) into ``work``."""
+def check_settings(*, runs: int = 50, warmup: int = 10, threads: int | None = None,
+                   min_seconds: float = 0.0) -> None:
+    """Raise one ModelSpecError for a timing setting that makes no sense (before any model is loaded)."""
+    if int(runs) < 1:
+        raise ModelSpecError(f"--runs {runs}: need at least 1 timed run")
+    if int(warmup) < 0:
+        raise ModelSpecError(f"--warmup {warmup}: the number of warm-up runs must be 0 or more")
+    if threads is not None and int(threads) < 1:
+        raise ModelSpecError(f"--threads {threads}: must be 1 or more (leave it out for the library default)")
+    if min_seconds < 0:
+        raise ModelSpecError(f"min_seconds {min_seconds}: must be 0 or more")
+
+
+@dataclass
+class _OnnxFile:
+    dims: list[int | None]  # the first input's dims, None where dynamic; [] when the file gives no shape
+    fp16: bool
+
+
+def _is_onnx(model) -> bool:
+    return isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx")
+
+
+def _read_onnx(path) -> _OnnxFile:
+    """Input dims and precision of a given .onnx file; a missing or unreadable file is the user's error."""
     import onnx
 
+    p = Path(path)
+    if not p.is_file():
+        raise ModelSpecError(f"ONNX file not found: {p}")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception:  # protobuf's DecodeError and friends: the bytes are not a ModelProto
+        raise ModelSpecError(f"{p} is not a valid ONNX model; pass an .onnx file written by an ONNX exporter") from None
+    weights = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in weights and i.type.HasField("tensor_type")]
+    if not inputs:
+        raise ModelSpecError(f"{p} is not a valid ONNX model (its graph has no tensor input)")
+    tt = inputs[0].type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    half = onnx.TensorProto.FLOAT16
+    return _OnnxFile(dims, tt.elem_type == half or any(t.data_type == half for t in proto.graph.initializer))
+
+
+def _fmt(dims) -> str:
+    return "x".join("?" if d is None else str(d) for d in dims)
+
+
+def _common_shape(input_shape, models, files, labels) -> tuple[list[int], str | None]:
+    """The one input shape every target is fed, and a note on where it came from: --input-shape, else the
+    first .onnx file's fixed shape, else the first nn.Module's own. Every .onnx file must accept it (its
+    batch dim aside: batch sizes a file cannot take are skipped with a note)."""
     from normsurgeon.graph.probe import default_input_shape
 
-    if isinstance(model, (str, os.PathLike)) and str(model).endswith(".onnx"):
-        p = Path(model)
-        if not p.is_file():
-            raise ModelSpecError(f"ONNX file not found: {p}")
-        proto = onnx.load(str(p), load_external_data=False)
-        dims = [d.dim_value if d.HasField("dim_value") else None
-                for d in proto.graph.input[0].type.tensor_type.shape.dim]
-        if not rep.input_shape:
-            rep.input_shape = [1 if d is None else d for d in dims]
-        return _Target(label, str(p), None, dims[0] if dims else None)
-    if not hasattr(model, "forward"):
-        raise ModelSpecError(f"cannot benchmark {type(model).__name__}: pass an nn.Module or an .onnx path")
+    shape, src, note = (list(input_shape) if input_shape else None), None, None  # src: index of the source
+    for i, f in enumerate(files):
+        if shape is None and f is not None and f.dims and None not in f.dims[1:]:
+            shape, src = [f.dims[0] or 1, *f.dims[1:]], i
+            if None in files:
+                note = f"input shape {_fmt(shape)} taken from {labels[i]}, whose input is fixed"
+    for i, (m, f) in enumerate(zip(models, files)):
+        if shape is None and f is None:
+            shape, src = list(default_input_shape(m, batch=1)), i
+    if shape is None:
+        raise ModelSpecError(f"{labels[0]} does not fix its input shape ({_fmt(files[0].dims) or 'unknown'}): "
+                             "pass --input-shape N,C,H,W")
+    for i, f in enumerate(files):
+        if f is None or not f.dims or i == src:
+            continue
+        if len(f.dims) != len(shape) or any(d not in (None, w) for d, w in zip(f.dims[1:], shape[1:])):
+            if src is None:
+                raise DataError(f"--input-shape {_fmt(shape)} does not fit {labels[i]}, whose input is "
+                                f"{_fmt(f.dims)}; drop --input-shape or give one that fits the file")
+            theirs = files[src].dims if files[src] else shape
+            raise DataError(f"{labels[src]} and {labels[i]} take different input shapes ({_fmt(theirs)} vs "
+                            f"{_fmt(f.dims)}); pass an --input-shape both accept, or re-export one of them "
+                            "(dynamic batch, same H,W)")
+    return shape, note
+
+
+def _precision(fp16: bool, files, labels) -> str:
+    """What is timed: an nn.Module is exported in fp32 or fp16 (``fp16``); an .onnx file runs as it is."""
+    for f, label in zip(files, labels):
+        if fp16 and f is not None and not f.fp16:
+            raise ModelSpecError(f"--fp16: {label} is an fp32 .onnx file and bench runs a given .onnx as it is; "
+                                 "drop --fp16 or pass a file exported with --fp16")
+    each = ["fp16" if (fp16 if f is None else f.fp16) else "fp32" for f in files]
+    if len(set(each)) == 1:
+        return each[0]
+    return ", ".join(f"{label} {p}" for label, p in zip(labels, each))
+
+
+def _export(model, label: str, path: str, fp16: bool, rep: BenchReport) -> _Target:
+    """Fold and export ``model`` (dynamic batch) to ``path``, a file inside bench's temporary folder."""
     from normsurgeon.deploy.export import export_onnx
 
-    shape = tuple(input_shape) if input_shape else tuple(rep.input_shape) or default_input_shape(model, batch=1)
-    rep.input_shape = list(shape)
-    path = os.path.join(work, f"{label}.onnx")
-    exp = export_onnx(model, path, input_shape=shape, dynamic_batch=True, fp16=fp16, fold=True)
+    exp = export_onnx(model, path, input_shape=tuple(rep.input_shape), dynamic_batch=True, fp16=fp16, fold=True)
     rep.notes.append(f"{label}: exported on the fly ({exp.exporter}, folded, {exp.seconds.get('total', 0):.1f} s)")
     model.eval()
     return _Target(label, path, model, None)
+
+
+def _user_file_call(t: _Target, message: str, fn, *args, **kwargs):
+    """Call ``fn``; for a user's .onnx file an ONNX Runtime failure becomes one DataError line (for a model
+    exported here it would be a normsurgeon bug, so it propagates as is)."""
+    if t.torch_model is not None:
+        return fn(*args, **kwargs)
+    try:
+        return fn(*args, **kwargs)
+    except NormSurgeonError:
+        raise
+    except Exception as e:  # ORT's exception types (Fail, InvalidArgument, ...) share no base but Exception
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:600]
+        raise DataError(f"{message} ({first})") from None
 
 
 def _ort_runner(sess, x: np.ndarray, choice):

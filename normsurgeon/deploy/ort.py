@@ -12,7 +12,7 @@ import importlib.metadata
 import os
 from dataclasses import dataclass, field
 
-from normsurgeon.errors import DependencyError
+from normsurgeon.errors import DependencyError, ModelSpecError
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -133,6 +133,8 @@ def session(path: str, choice: ProviderChoice | None = None, *, threads: int | N
             spinning: bool = True):
     """An InferenceSession with all graph optimizations on. ``spinning=False`` stops idle intra-op
     threads from busy-waiting, so sessions timed in turn do not steal each other's cores."""
+    if threads is not None and int(threads) < 1:
+        raise ModelSpecError(f"threads={threads}: must be 1 or more (None for ONNX Runtime's default)")
     ort = _ort()
     choice = choice or choose("cpu")
     so = ort.SessionOptions()
@@ -140,7 +142,7 @@ def session(path: str, choice: ProviderChoice | None = None, *, threads: int | N
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures come back as exceptions; ORT's own log would print them twice
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=choice.ort_providers)
