@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 import normsurgeon
 from normsurgeon.deploy import ort
 from normsurgeon.errors import DataError, ModelSpecError
-from tests.util import run_cli
+from tests.util import assert_one_error_line, run_cli
 
 DIGITS = "normsurgeon.calibrate.digits_cnn:digits_cnn"  # 1 channel in, adaptive pool: any H,W
 FAST = ["--provider", "cpu", "--batch-size", "1", "--runs", "2", "--warmup", "0"]
@@ -59,15 +59,6 @@ def files(tmp_path_factory):
 def _listing(path):
     return sorted(p.relative_to(path).as_posix() for p in path.rglob("*"))
 
-
-def _one_error_line(proc, *needles):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "internal error" not in lines[0]
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_cli_bench_relative_model_paths_with_a_folder(tmp_path):
@@ -124,7 +115,7 @@ def test_cli_bench_absolute_path_writes_nothing_and_reruns(tmp_path):
 def test_cli_bench_user_mistakes_are_one_line(files, args, needles):
     before = _listing(files)
     proc = run_cli("bench", *FAST, *args, cwd=files)  # args come last: they override FAST
-    _one_error_line(proc, *needles)
+    assert_one_error_line(proc, *needles)
     assert _listing(files) == before
 
 

@@ -9,19 +9,10 @@ import pytest
 
 import normsurgeon
 from normsurgeon.errors import OutputExistsError
-from tests.util import ROOT, run_cli
+from tests.util import ROOT, assert_one_error_line, run_cli
 
 DIGITS = "normsurgeon.calibrate.digits_cnn:digits_cnn"
 
-
-def assert_clean_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "internal error" not in lines[0]
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def listing(path):
@@ -68,7 +59,7 @@ CASES = [(args, "x.onnx") for args in MODEL_VERBS] + [(MODEL_VERBS[0], "x.ONNX")
 def test_model_verbs_refuse_onnx_output_before_loading(dirs, args, name):
     work, env = dirs
     proc = run_cli(*args, "-o", name, cwd=work, env=env)
-    assert_clean_error(proc, name, ".pt or .safetensors", "normsurgeon export")
+    assert_one_error_line(proc, name, ".pt or .safetensors", "normsurgeon export")
     assert listing(work) == []
     assert not (work.parent / "loaded").exists()  # refused before the model was built
 
@@ -77,7 +68,7 @@ def test_model_verbs_refuse_onnx_output_before_loading(dirs, args, name):
 def test_export_refuses_non_onnx_output_before_loading(dirs, name):
     work, env = dirs
     proc = run_cli("export", "ns_fmt_nets:small", "-o", name, *SHAPE, cwd=work, env=env)
-    assert_clean_error(proc, name, ".onnx")
+    assert_one_error_line(proc, name, ".onnx")
     assert listing(work) == []
     assert not (work.parent / "loaded").exists()
 
@@ -86,7 +77,7 @@ def test_wrong_extension_refused_even_with_force(dirs):
     work, env = dirs
     (work / "x.onnx").write_bytes(b"keep me")
     proc = run_cli("convert", "ns_fmt_nets:small", "--to", "gn", "-o", "x.onnx", "--force", cwd=work, env=env)
-    assert_clean_error(proc, ".pt or .safetensors")
+    assert_one_error_line(proc, ".pt or .safetensors")
     assert (work / "x.onnx").read_bytes() == b"keep me" and listing(work) == ["x.onnx"]
 
 
@@ -125,5 +116,5 @@ SPEC_ERRORS = [
 def test_failing_factory_spec_is_a_user_error(dirs, spec, needles):
     work, env = dirs
     proc = run_cli("convert", spec, "--to", "gn", "-o", "out.pt", cwd=work, env=env)
-    assert_clean_error(proc, *needles)
+    assert_one_error_line(proc, *needles)
     assert listing(work) == []

@@ -39,3 +39,15 @@ def run_cli(*args: str, cwd: str | Path | None = None, env: dict | None = None, 
         [sys.executable, "-m", "normsurgeon", *args], cwd=cwd, env=e,
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+def assert_one_error_line(proc, *needles) -> None:
+    """A user mistake through the CLI: exit 2, one ``error:`` line on stderr naming ``needles``, no
+    traceback, not reported as an internal error."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "internal error" not in lines[0]
+    for n in needles:
+        assert n in lines[0], lines[0]

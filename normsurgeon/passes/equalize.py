@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import math
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Callable
