@@ -3,11 +3,10 @@
     python benchmarks/recalibrate_throughput.py [--threads N] [--rounds R]
 
 Both sides iterate the same batches (same order, same gather from the dataset) under no_grad. Each
-round times one eval pass and then one ``normsurgeon.recalibrate`` call, interleaved so that machine
-noise hits both alike; the table shows medians over R rounds. "recal loop" is the statistics loop
-(``info["seconds"]``); "recal call" is the whole call (deep copy of the model, loading statistics).
-"sums only" is the eval pass with nothing but the statistics reductions hooked in front of each BN:
-the floor for exact statistics computed this way.
+round times one eval pass, one ``normsurgeon.recalibrate`` call, and one call with the C kernel turned
+off (``torch_only``: two torch reductions per layer, the fallback path), interleaved so that machine
+noise hits all alike; the table shows medians over R rounds. "loop" is the statistics loop
+(``info["seconds"]``); "call" is the whole call (deep copy of the model, loading statistics).
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ import normsurgeon
 from normsurgeon.calibrate.data import TensorData, load_digits
 from normsurgeon.calibrate.digits_cnn import train_digits_cnn
 from normsurgeon.calibrate.plan import make_plan
-from normsurgeon.layers.moments import moment_sums
+from normsurgeon.native import moments as native
 
 
 def eval_pass(model, data, batch_size):
@@ -34,20 +33,15 @@ def eval_pass(model, data, batch_size):
     return plan.samples / (time.perf_counter() - start)
 
 
-def sums_only_pass(model, data, batch_size):
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    hooks = [m.register_forward_pre_hook(lambda mod, args: moment_sums(args[0]) and None) for m in bns]
-    try:
-        return eval_pass(model, data, batch_size)
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 def recal_pass(model, data, batch_size):
     start = time.perf_counter()
     res = normsurgeon.recalibrate(model, data, batch_size=batch_size)
-    return res.info["samples_per_s"], res.info["samples"] / (time.perf_counter() - start)
+    return res.info["samples_per_s"], res.info["samples"] / (time.perf_counter() - start), res.info["statistics_kernel"]
+
+
+def torch_path_loop(model, data, batch_size):
+    with native.torch_only():
+        return recal_pass(model, data, batch_size)[0]
 
 
 def cases():
@@ -65,20 +59,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch threads: {args.threads}; medians over {args.rounds} interleaved rounds")
-    print(f"{'case':36s} {'eval samples/s':>15s} {'sums only':>10s} {'ratio':>6s} {'recal loop':>11s} {'ratio':>6s} "
-          f"{'recal call':>11s} {'ratio':>6s}")
+    print(f"torch threads: {args.threads}; medians over {args.rounds} interleaved rounds; "
+          f"C kernel: {'yes' if native.kernel() is not None else 'no: ' + native.why_not()}")
+    print(f"{'case':36s} {'eval samples/s':>15s} {'loop':>9s} {'ratio':>6s} {'call':>9s} {'ratio':>6s} "
+          f"{'loop, torch path':>17s} {'ratio':>6s}")
     for name, model, data, bs in cases():
         eval_pass(model, data, bs)  # warm-up
-        ev, sums, loop, call = [], [], [], []
+        ev, loop, call, plain = [], [], [], []
         for _ in range(args.rounds):
             ev.append(eval_pass(model, data, bs))
-            sums.append(sums_only_pass(model, data, bs))
-            lp, cl = recal_pass(model, data, bs)
+            lp, cl, kernel = recal_pass(model, data, bs)
             loop.append(lp)
             call.append(cl)
-        e, sm, lp, cl = (statistics.median(v) for v in (ev, sums, loop, call))
-        print(f"{name:36s} {e:15.1f} {sm:10.1f} {sm / e:6.2f} {lp:11.1f} {lp / e:6.2f} {cl:11.1f} {cl / e:6.2f}")
+            plain.append(torch_path_loop(model, data, bs))
+        e, lp, cl, pl = (statistics.median(v) for v in (ev, loop, call, plain))
+        print(f"{name:36s} {e:15.1f} {lp:9.1f} {lp / e:6.2f} {cl:9.1f} {cl / e:6.2f} {pl:17.1f} {pl / e:6.2f}")
+        print(f"{'':36s} statistics kernel: {kernel}")
 
 
 if __name__ == "__main__":

@@ -67,3 +67,19 @@ def test_autograd_input_is_not_tracked():
     x = torch.randn(4, 3, 8, 8, requires_grad=True)
     s, s2, _ = moment_sums(x * 2)
     assert not s.requires_grad and not s2.requires_grad
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_shift_only_where_the_mean_dwarfs_the_spread(layout):
+    """One channel near 0, one at 1000 with spread 1: the variance from the float32 sums must hold to
+    1e-5 on both (unshifted, the second is ~10% off); the near-0 channel's sums must not move."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(16, 2, 14, 14, generator=g) + torch.tensor([0.0, 1000.0]).view(1, 2, 1, 1)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    s, s2, n = moment_sums(x)
+    rs, rs2, rn = reference(x)
+    var = s2 / n - (s / n) ** 2
+    rvar = rs2 / rn - (rs / rn) ** 2
+    torch.testing.assert_close(var, rvar, rtol=1e-5, atol=0)
+    torch.testing.assert_close(s, rs, rtol=1e-6, atol=1e-3)

@@ -26,6 +26,10 @@ def test_recalibrate_then_evaluate_same_noise_instance(model_file, tmp_path):
     rep = json.loads(r.stdout)
     assert rep["verb"] == "recalibrate" and rep["summary"] == {"recalibrated": 3} and rep["samples"] == 640
     import normsurgeon
+    from normsurgeon.native import moments
+
+    want = "native (one-pass C kernel)" if moments.kernel() is not None else f"torch reductions ({moments.why_not()})"
+    assert rep["statistics_kernel"] == want
 
     api = normsurgeon.recalibrate(load_model(str(model_file)), "digits:train", noise="weight:0.1", noise_seed=5,
                                   samples=640, batch_size=64).model

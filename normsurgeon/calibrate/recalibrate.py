@@ -7,9 +7,10 @@ so dropout is off. The input model is never modified (the pass works on a deep c
 
 How the pass runs (one eval-mode forward per batch, the cost of inference):
 
-- A forward pre-hook on each such layer takes its input's per-channel sums ``batch_moments(x)`` and
-  adds them to float64 accumulators (:mod:`normsurgeon.calibrate.stats`): exact cumulative
-  averaging over all data seen, not momentum, not averaged per-batch variances.
+- A collector run inside each such layer's forward (:mod:`normsurgeon.calibrate.collect`) takes its
+  input's per-channel sums (``batch_moments(x)``, or for torch BN on CPU a one-pass C kernel) and
+  adds them to float64 accumulators (:mod:`normsurgeon.calibrate.stats`): exact cumulative averaging over all
+  data seen, not momentum, not averaged per-batch variances.
 - The layer then normalizes that batch with the batch's own statistics (loaded for the one call),
   like BN in training mode: downstream layers see activations normalized the way a freshly
   calibrated network would normalize them, whatever the stale statistics were. (torch's
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 
 from normsurgeon import provenance
+from normsurgeon.calibrate.collect import Collection
 from normsurgeon.calibrate.data import as_dataset
 from normsurgeon.calibrate.distributed import all_reduce_sum, rank_world
 from normsurgeon.calibrate.noise import (
@@ -116,7 +118,7 @@ def recalibrate(
     mine = plan.shard(rank, world)
 
     pooled = {name: PooledMoments() for name, _ in layers}
-    hooks = [h.module.register_forward_pre_hook(_collector(h, pooled[name])) for name, h in layers]
+    collection = Collection(layers, pooled)
     noisy = WeightNoise(new, spec) if spec is not None else None
     start = time.perf_counter()
     try:
@@ -132,8 +134,7 @@ def recalibrate(
                 if progress is not None:
                     progress(int(x.shape[0]))
     finally:
-        for h in hooks:
-            h.remove()
+        collection.close()
         if noisy is not None:
             noisy.restore()
     seconds = time.perf_counter() - start
@@ -169,7 +170,7 @@ def recalibrate(
     info = {
         "data": dataset.name, "samples": plan.samples, "batches": len(plan), "batch_size": batch_size,
         "forward_samples": forwards, "recalibrated": sum(1 for c in changes if c.action == "recalibrated"),
-        "world_size": world, "seconds": round(seconds, 4),
+        "world_size": world, "seconds": round(seconds, 4), "statistics_kernel": collection.describe(),
         "samples_per_s": round(plan.samples_of(mine) * draws / seconds, 1) if seconds > 0 else None,
         "noise": None if spec is None else str(spec), "noise_mode": noise_mode if spec is not None else None,
         "noise_seed": noise_seed if spec is not None else None, "noise_samples": draws if spec is not None else None,
@@ -180,24 +181,8 @@ def recalibrate(
         "noise": None if spec is None else str(spec), "noise_mode": noise_mode, "noise_seed": noise_seed,
         "noise_samples": noise_samples, "shuffle": shuffle,
     })
-    return SurgeryResult(model=new, changes=changes, verb="recalibrate", path="hooks",
+    return SurgeryResult(model=new, changes=changes, verb="recalibrate", path="statistics pass",
                          verification=verification, info=info)
-
-
-def _collector(handle, acc: PooledMoments):
-    """A forward pre-hook: pool the input's moments, then normalize this call with them."""
-
-    def pre(module, args):
-        x = args[0] if args else None
-        if not isinstance(x, torch.Tensor):
-            return None
-        s, s2, n = handle.batch_moments(x)
-        acc.add(s, s2, n)
-        if n > 0:
-            handle.use_batch(s / n, s2 / n, n)
-        return None
-
-    return pre
 
 
 def _all_reduce(pooled: dict[str, PooledMoments], layers) -> dict[str, PooledMoments]:

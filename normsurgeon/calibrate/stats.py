@@ -36,6 +36,18 @@ class PooledMoments:
         else:
             self.sum_x += s
             self.sum_x2 += s2
+        self.count_batch(n)
+
+    def sums(self, size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """The float64 accumulators (zeros on first use) for a kernel that adds into them in place;
+        it then calls :meth:`count_batch`."""
+        if self.sum_x is None:
+            self.sum_x = torch.zeros(size, dtype=torch.float64, device=device)
+            self.sum_x2 = torch.zeros(size, dtype=torch.float64, device=device)
+            self._shape = (size,)
+        return self.sum_x, self.sum_x2
+
+    def count_batch(self, n: int) -> None:
         self.count += int(n)
         self.calls += 1
 

@@ -13,6 +13,7 @@ import torch
 # the batch bound keeps those float32 partials short enough to stay ~1e-7 relative.
 SHORT_ROWS = 40  # crossover measured on CPU: 36 positions favour batch-wise partials, 49 per-sample ones
 SHORT_ROWS_MAX_BATCH = 256
+SHIFT_VALUES = 16  # values per statistic averaged into the shift k of the float32 partial sums
 
 
 def moment_sums(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -21,6 +22,12 @@ def moment_sums(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     ``sum_x``/``sum_x2`` are float64 of shape ``(v.shape[1],)``; ``count`` is the number of values
     per statistic. Partial sums (one sample's positions, or for short rows one position across the
     batch) are taken in the activation dtype (~1e-7 relative in float32) and pooled in float64.
+    Below float64 (on CPU: where a statistic's mean dwarfs its spread) they are sums of ``v - k``, ``k`` the
+    mean of its first ``SHIFT_VALUES`` values (samples, then positions: an estimate of its mean),
+    turned back into sums of ``v`` in float64: unshifted, the float32 error of sum(x^2) reaches
+    E[x^2] - E[x]^2 multiplied by (mean/spread)^2 (20% at mean 1000, spread 1); shifted, by
+    ((k - mean)/spread)^2, about 1/16. The C kernel (normsurgeon/native/moments.c) always shifts
+    (it costs it nothing); here, on CPU, the shift costs a pass, so it is taken only where it matters.
     """
     v = v.detach()  # no autograd graph (and no no_grad context: this runs in a hook on every call)
     n, c = v.shape[0], v.shape[1]
@@ -28,10 +35,18 @@ def moment_sums(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         v = v.float()
     if v.dim() > 2 and not v.is_contiguous():  # e.g. channels_last: reduce (n, positions, c) as a view
         flat = v.movedim(1, -1).reshape(n, -1, c)
+        k = _shift(flat.reshape(-1, c)[:SHIFT_VALUES].t(), v.dtype)
+        if k is not None:
+            flat = flat - k
         per = flat.shape[1]
-        return (flat.sum(dim=1).sum(dim=0, dtype=torch.float64),
-                (flat * flat).sum(dim=1).sum(dim=0, dtype=torch.float64), n * per)
+        s = flat.sum(dim=1).sum(dim=0, dtype=torch.float64)
+        s2 = (flat * flat).sum(dim=1).sum(dim=0, dtype=torch.float64)
+        return (*_unshift(s, s2, k, n * per), n * per)
     flat = v.reshape(n, c, -1)
+    first = flat[:-(-SHIFT_VALUES // flat.shape[2])] if flat.shape[2] else flat
+    k = _shift(first.transpose(0, 1).reshape(c, -1)[:, :SHIFT_VALUES], v.dtype)
+    if k is not None:
+        flat = flat - k[:, None]
     per = flat.shape[2]
     if per < SHORT_ROWS and n <= SHORT_ROWS_MAX_BATCH:
         # Few positions per sample (late stages, BN1d): per-position partials over the batch reduce
@@ -43,7 +58,36 @@ def moment_sums(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         # ||x||^2 per (sample, statistic): one vectorized reduction pass, about 2x faster on CPU than
         # vecdot(x, x) (which multiplies into a temporary first); squaring the float32 norm costs ~1 ulp.
         s2 = torch.linalg.vector_norm(flat, dim=2).square().sum(dim=0, dtype=torch.float64)
-    return s, s2, n * per
+    return (*_unshift(s, s2, k, n * per), n * per)
+
+
+def _shift(first: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The shift per statistic from its first values ``first`` (c, m), 0 where not finite; None in
+    float64 (exact enough unshifted). On CPU, where shifting costs a pass over the data, only
+    statistics whose mean exceeds 10 times their spread (the float32 error would grow over 100-fold)
+    are shifted, and None is returned when none is: the common case. On a GPU the pass is cheap and
+    the check would synchronize, so every statistic is shifted."""
+    if dtype == torch.float64 or first.numel() == 0:
+        return None
+    first = first.float()
+    k = first.mean(dim=1)
+    need = torch.isfinite(k)
+    if first.device.type == "cpu":
+        var = (first - k[:, None]).square().mean(dim=1)  # torch.var_mean is many times slower on CPU
+        need &= k * k > 100 * var
+        if not bool(need.any()):
+            return None
+    return torch.where(need, k, torch.zeros_like(k))
+
+
+def _unshift(d: torch.Tensor, d2: torch.Tensor, k: torch.Tensor | None, count: int):
+    """Sums of x from sums of x - k (float64; where k is 0 the sums pass through, NaN/Inf intact)."""
+    if k is None:
+        return d, d2
+    k = k.double()
+    shifted = k != 0
+    return (torch.where(shifted, d + count * k, d),
+            torch.where(shifted, d2 + k * (2 * d + count * k), d2))
 
 
 class RunningMoments:

@@ -1,0 +1,105 @@
+"""Binding for ``moments.c``: one-pass per-channel sums of a float32 CPU tensor, added to float64
+accumulators in place (and, optionally, the batch mean / biased variance written out).
+
+A :class:`ChannelSums` call returns 0 whenever the kernel cannot take a tensor (no compiled library,
+not a contiguous CPU float32 tensor with the right channel count); callers then use
+:func:`normsurgeon.layers.moments.moment_sums`.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+
+import torch
+
+from normsurgeon.native import build
+
+ABI = 5
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+def _bind(lib: ctypes.CDLL | None):
+    """The C function, or None for a missing library or another ABI version."""
+    if lib is None:
+        return None
+    try:
+        abi, fn = lib.ns_moments_abi, lib.ns_moments_f32
+    except AttributeError:
+        return None
+    abi.restype = ctypes.c_int
+    if abi() != ABI:
+        return None
+    fn.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fn = None
+_loaded = False
+_off = 0
+
+
+def kernel():
+    """The bound C function, or None (then :func:`why_not` says why)."""
+    global _fn, _loaded
+    if _off:
+        return None
+    if not _loaded:
+        _fn, _loaded = _bind(build.load("moments")), True
+    return _fn
+
+
+def why_not() -> str:
+    if kernel() is not None:
+        return ""
+    if _off:
+        return "turned off in this process (normsurgeon.native.moments.torch_only)"
+    return build.reason("moments") or "the cached moments library has another ABI version; delete it to rebuild"
+
+
+@contextlib.contextmanager
+def torch_only():
+    """Within this block the C kernel is not used: benchmarks and tests compare the two paths."""
+    global _off
+    _off += 1
+    try:
+        yield
+    finally:
+        _off -= 1
+
+
+def _vec(t: torch.Tensor | None, dtype: torch.dtype, c: int) -> bool:
+    return t is None or (t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() and t.numel() == c)
+
+
+class ChannelSums:
+    """Adds one layer's per-call input moments to fixed float64 accumulators with the C kernel.
+
+    Built once per layer (every check on the fixed tensors is done here, their addresses kept), so
+    a call costs little more than the kernel: ``sums(x)`` returns the number of values per channel
+    it added, or 0 when it cannot take ``x`` (not a contiguous CPU float32 tensor with ``c``
+    channels; nothing was added then). When given, ``mean_out``/``var_out`` (float32, length ``c``)
+    receive each call's batch mean and biased variance. The float32 partial sums are shifted by
+    each channel's first value (see moments.c), so E[x^2] - E[x]^2 keeps its digits when
+    |mean| >> spread.
+    """
+
+    def __init__(self, acc_s: torch.Tensor, acc_s2: torch.Tensor, mean_out: torch.Tensor | None = None,
+                 var_out: torch.Tensor | None = None) -> None:
+        c = acc_s.numel()
+        if c == 0 or not (_vec(acc_s, torch.float64, c) and _vec(acc_s2, torch.float64, c)
+                and _vec(mean_out, torch.float32, c) and _vec(var_out, torch.float32, c)):
+            raise ValueError("accumulators must be contiguous CPU float64, outputs float32, all of one length >= 1")
+        self.c = c
+        self._keep = (acc_s, acc_s2, mean_out, var_out)  # the addresses below stay valid while these live
+        self._ptrs = tuple(None if t is None else t.data_ptr() for t in self._keep)
+
+    def __call__(self, x: torch.Tensor) -> int:
+        fn = kernel()
+        if (fn is None or x.dtype != torch.float32 or not x.is_cpu or x.dim() < 2 or x.shape[1] != self.c
+                or not x.is_contiguous() or x.numel() == 0 or x.is_neg()):
+            return 0
+        n, per = x.shape[0], x.numel() // (x.shape[0] * self.c)
+        if per == 0 or fn(x.data_ptr(), n, self.c, per, *self._ptrs, torch.get_num_threads()) != 0:
+            return 0
+        return n * per
