@@ -50,7 +50,7 @@ def cases():
     yield ("resnet18, 64x64 random, batch 32", torchvision.models.resnet18(weights=None).eval(),
            TensorData(torch.randn(256, 3, 64, 64)), 32)
     yield ("resnet50, 224x224 random, batch 32", torchvision.models.resnet50(weights=None).eval(),
-           TensorData(torch.randn(64, 3, 224, 224)), 32)
+           TensorData(torch.randn(96, 3, 224, 224)), 32)
 
 
 def main() -> None:

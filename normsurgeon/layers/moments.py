@@ -22,33 +22,42 @@ def moment_sums(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     ``sum_x``/``sum_x2`` are float64 of shape ``(v.shape[1],)``; ``count`` is the number of values
     per statistic. Partial sums (one sample's positions, or for short rows one position across the
     batch) are taken in the activation dtype (~1e-7 relative in float32) and pooled in float64.
-    Below float64 (on CPU: where a statistic's mean dwarfs its spread) they are sums of ``v - k``, ``k`` the
-    mean of its first ``SHIFT_VALUES`` values (samples, then positions: an estimate of its mean),
-    turned back into sums of ``v`` in float64: unshifted, the float32 error of sum(x^2) reaches
-    E[x^2] - E[x]^2 multiplied by (mean/spread)^2 (20% at mean 1000, spread 1); shifted, by
-    ((k - mean)/spread)^2, about 1/16. The C kernel (normsurgeon/native/moments.c) always shifts
-    (it costs it nothing); here, on CPU, the shift costs a pass, so it is taken only where it matters.
+
+    Large means: E[x^2] - E[x]^2 multiplies the float32 error of sum(x^2) by (mean/spread)^2 (a
+    variance 20% off at mean 1000, spread 1). Below float64 the sums are then taken of ``x - k`` and
+    shifted back in float64. On CPU the plain sums come first and only statistics whose mean exceeds
+    10 spreads are summed again around their batch mean (a second pass, rare). On a GPU that check
+    would synchronize, so every statistic is shifted by the mean of its first ``SHIFT_VALUES``
+    values. The C kernel (normsurgeon/native/moments.c) shifts the GPU way; it costs it nothing.
     """
     v = v.detach()  # no autograd graph (and no no_grad context: this runs in a hook on every call)
     n, c = v.shape[0], v.shape[1]
     if v.dtype in (torch.float16, torch.bfloat16):  # half-precision sums overflow / round too coarsely
         v = v.float()
-    if v.dim() > 2 and not v.is_contiguous():  # e.g. channels_last: reduce (n, positions, c) as a view
-        flat = v.movedim(1, -1).reshape(n, -1, c)
-        k = _shift(flat.reshape(-1, c)[:SHIFT_VALUES].t(), v.dtype)
-        if k is not None:
-            flat = flat - k
-        per = flat.shape[1]
+    last = v.dim() > 2 and not v.is_contiguous()  # e.g. channels_last: reduce (n, positions, c) as a view
+    flat = v.movedim(1, -1).reshape(n, -1, c) if last else v.reshape(n, c, -1)
+    count = flat.numel() // c if c else 0
+    if v.dtype == torch.float64 or count == 0:
+        return (*_sums(flat, last, None, count), count)
+    if not v.is_cpu:
+        return (*_sums(flat, last, _first_mean(flat, last), count), count)
+    s, s2 = _sums(flat, last, None, count)
+    mean = s / count
+    need = torch.isfinite(mean) & (mean * mean > 100 * (s2 / count - mean * mean))
+    if bool(need.any()):
+        s, s2 = _sums(flat, last, torch.where(need, mean, torch.zeros_like(mean)).to(flat.dtype), count)
+    return s, s2, count
+
+
+def _sums(flat: torch.Tensor, last: bool, k: torch.Tensor | None, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 sums of x and x^2 per statistic of ``flat`` ((n, c, per), or (n, per, c) when
+    ``last``), taken of ``x - k`` when a shift ``k`` is given (0 entries: no shift)."""
+    if k is not None:
+        flat = flat - (k if last else k[:, None])
+    if last:
         s = flat.sum(dim=1).sum(dim=0, dtype=torch.float64)
         s2 = (flat * flat).sum(dim=1).sum(dim=0, dtype=torch.float64)
-        return (*_unshift(s, s2, k, n * per), n * per)
-    flat = v.reshape(n, c, -1)
-    first = flat[:-(-SHIFT_VALUES // flat.shape[2])] if flat.shape[2] else flat
-    k = _shift(first.transpose(0, 1).reshape(c, -1)[:, :SHIFT_VALUES], v.dtype)
-    if k is not None:
-        flat = flat - k[:, None]
-    per = flat.shape[2]
-    if per < SHORT_ROWS and n <= SHORT_ROWS_MAX_BATCH:
+    elif flat.shape[2] < SHORT_ROWS and flat.shape[0] <= SHORT_ROWS_MAX_BATCH:
         # Few positions per sample (late stages, BN1d): per-position partials over the batch reduce
         # along a contiguous row of c*per values, much faster than many 1-16 element inner sums.
         s = flat.sum(dim=0).sum(dim=1, dtype=torch.float64)
@@ -58,36 +67,22 @@ def moment_sums(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         # ||x||^2 per (sample, statistic): one vectorized reduction pass, about 2x faster on CPU than
         # vecdot(x, x) (which multiplies into a temporary first); squaring the float32 norm costs ~1 ulp.
         s2 = torch.linalg.vector_norm(flat, dim=2).square().sum(dim=0, dtype=torch.float64)
-    return (*_unshift(s, s2, k, n * per), n * per)
-
-
-def _shift(first: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """The shift per statistic from its first values ``first`` (c, m), 0 where not finite; None in
-    float64 (exact enough unshifted). On CPU, where shifting costs a pass over the data, only
-    statistics whose mean exceeds 10 times their spread (the float32 error would grow over 100-fold)
-    are shifted, and None is returned when none is: the common case. On a GPU the pass is cheap and
-    the check would synchronize, so every statistic is shifted."""
-    if dtype == torch.float64 or first.numel() == 0:
-        return None
-    first = first.float()
-    k = first.mean(dim=1)
-    need = torch.isfinite(k)
-    if first.device.type == "cpu":
-        var = (first - k[:, None]).square().mean(dim=1)  # torch.var_mean is many times slower on CPU
-        need &= k * k > 100 * var
-        if not bool(need.any()):
-            return None
-    return torch.where(need, k, torch.zeros_like(k))
-
-
-def _unshift(d: torch.Tensor, d2: torch.Tensor, k: torch.Tensor | None, count: int):
-    """Sums of x from sums of x - k (float64; where k is 0 the sums pass through, NaN/Inf intact)."""
     if k is None:
-        return d, d2
+        return s, s2
     k = k.double()
-    shifted = k != 0
-    return (torch.where(shifted, d + count * k, d),
-            torch.where(shifted, d2 + k * (2 * d + count * k), d2))
+    shifted = k != 0  # where k is 0 the sums pass through, NaN/Inf intact
+    return (torch.where(shifted, s + count * k, s), torch.where(shifted, s2 + k * (2 * s + count * k), s2))
+
+
+def _first_mean(flat: torch.Tensor, last: bool) -> torch.Tensor:
+    """Mean of each statistic's first ``SHIFT_VALUES`` values (samples, then positions), 0 if not finite."""
+    c = flat.shape[2] if last else flat.shape[1]
+    if last:
+        first = flat.reshape(-1, c)[:SHIFT_VALUES].t()
+    else:
+        first = flat[:-(-SHIFT_VALUES // flat.shape[2])].transpose(0, 1).reshape(c, -1)[:, :SHIFT_VALUES]
+    k = first.float().mean(dim=1)
+    return torch.where(torch.isfinite(k), k, torch.zeros_like(k)).to(flat.dtype)
 
 
 class RunningMoments:
