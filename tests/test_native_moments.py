@@ -185,3 +185,17 @@ def test_long_channels_with_a_large_mean_stay_accurate(shape):
     rs, rs2, rmean, rvar = reference(x)
     torch.testing.assert_close(s, rs, rtol=2e-7, atol=0)
     torch.testing.assert_close(s2, rs2, rtol=2e-7, atol=0)
+
+
+def test_a_cached_library_others_may_write_is_not_loaded(tmp_path):
+    cache = tmp_path / "cache"
+    assert _probe({}, cache)[0] == "True"
+    (built,) = cache.glob("moments-*.so")
+    built.chmod(0o777)  # group/world-writable: anyone could have swapped in other code
+    available, reason = _probe({}, cache)
+    assert available == "False" and "writable by others: not loading it" in reason
+
+
+def test_unbalanced_quotes_in_cc_fall_back(tmp_path):
+    available, reason = _probe({"CC": "gcc '-O2"}, tmp_path / "cache")
+    assert available == "False" and "is not an executable compiler" in reason

@@ -11,7 +11,8 @@ pure-PyTorch path; :func:`reason` says why, in one line.
   The file name hashes the source, the compiler, the flags and this CPU's model and feature flags, so
   a home directory shared by different machines never loads a library built for another CPU. A
   library is written under a temporary name and renamed into place, so processes started together
-  (torchrun) never see half a file.
+  (torchrun) never see half a file. A cached library that is not the user's own, or that others may
+  write, is never loaded: it would run as native code.
 """
 from __future__ import annotations
 
@@ -52,7 +53,12 @@ def compiler() -> list[str] | None:
     """The compiler command: ``$CC`` (words, e.g. ``ccache gcc``), else the first of cc, gcc, clang."""
     cc = os.environ.get("CC", "").strip()
     if cc:
-        words = shlex.split(cc)
+        try:
+            words = shlex.split(cc)
+        except ValueError:  # unbalanced quotes
+            return None
+        if not words:
+            return None
         found = shutil.which(words[0]) or (words[0] if os.path.isfile(words[0]) and os.access(words[0], os.X_OK)
                                            else None)
         return [found, *words[1:]] if found else None
@@ -104,12 +110,31 @@ def load(name: str) -> ctypes.CDLL | None:
                 if err.startswith("timed out"):  # a hanging compiler: do not wait once per flag set
                     break
                 continue
+        unsafe = _unsafe(path)
+        if unsafe:
+            _reasons[name] = unsafe
+            return None
         try:
             return ctypes.CDLL(str(path))
         except OSError as e:
             errors.append(f"{' '.join(flags)}: cannot load {path}: {e}")
     _reasons[name] = f"could not build {name}.c with {' '.join(cc)} ({errors[0] if errors else 'no flag set worked'})"
     return None
+
+
+def _unsafe(path: Path) -> str:
+    """Why a cached library must not be loaded (it runs as native code in this process): not
+    owned by this user, or writable by others; '' when it may."""
+    if not hasattr(os, "getuid"):
+        return ""
+    try:
+        st = path.stat()
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror}"
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        return (f"{path} is not owned by you or is writable by others: not loading it (remove it, or set "
+                "NORMSURGEON_CACHE to a folder of your own)")
+    return ""
 
 
 def _cached_path(name: str, source: bytes, cc: list[str], flags: tuple[str, ...]) -> Path:
@@ -125,7 +150,7 @@ def _cached_path(name: str, source: bytes, cc: list[str], flags: tuple[str, ...]
 def _compile(cc: list[str], flags: tuple[str, ...], src: Path, dest: Path) -> str:
     """Build ``src`` into ``dest`` atomically; an error text (one line) or ''."""
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
         os.close(fd)
     except OSError as e:
