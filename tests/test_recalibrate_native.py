@@ -107,7 +107,7 @@ def test_timm_bn_act_takes_the_native_path():
 def test_float64_models_use_the_torch_path_and_say_why():
     net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)).double().eval()
     res = normsurgeon.recalibrate(net, torch.randn(8, 2, 4, 4, dtype=torch.float64), batch_size=4)
-    assert res.info["statistics_kernel"] == "torch reductions (inputs it does not take: not CPU float32 torch BN)"
+    assert res.info["statistics_kernel"] == "torch reductions (the C kernel takes only torch BN with contiguous CPU float32 inputs)"
 
 
 @pytest.mark.parametrize("path", ["native", "torch"])
@@ -128,3 +128,19 @@ def test_large_mean_small_spread_keeps_the_variance(path, mean, side):
     flat = x.double().transpose(0, 1).reshape(3, -1)
     torch.testing.assert_close(res.model[0].running_var.double(), flat.var(1), rtol=1e-4, atol=0)
     torch.testing.assert_close(res.model[0].running_mean.double(), flat.mean(1), rtol=1e-6, atol=0)
+
+
+def test_channels_last_inputs_are_counted_and_reported():
+    """A channels_last model: its BN inputs are not contiguous, so those calls take the torch path,
+    and the report says how the calls split (the first BN sees the contiguous data batch)."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    net = net.to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 6, 6)
+    res = normsurgeon.recalibrate(net, x, batch_size=4, shuffle=False)
+    assert res.info["statistics_kernel"] == ("native for 2 of 4 layer calls, else torch reductions (the C kernel "
+                                             "takes only torch BN with contiguous CPU float32 inputs)")
+    with native.torch_only():
+        slow = normsurgeon.recalibrate(net, x, batch_size=4, shuffle=False)
+    for i in (0, 2):
+        torch.testing.assert_close(res.model[i].running_var, slow.model[i].running_var, rtol=1e-5, atol=1e-6)

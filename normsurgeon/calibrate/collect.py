@@ -92,7 +92,7 @@ class Collection:
         native_calls, torch_calls = self.calls["native"], self.calls["torch"]
         if torch_calls == 0:
             return "native (one-pass C kernel)" if native_calls else "none"
-        why = native.why_not() or "inputs it does not take: not CPU float32 torch BN"
+        why = native.why_not() or "the C kernel takes only torch BN with contiguous CPU float32 inputs"
         text = f"torch reductions ({why})"
         total = native_calls + torch_calls
         return text if native_calls == 0 else f"native for {native_calls} of {total} layer calls, else {text}"
