@@ -105,7 +105,9 @@ def _native_sums(handle, acc: PooledMoments) -> native.ChannelSums | None:
     if not isinstance(handle, BatchNormStats):
         return None
     mean, var = handle.module.running_mean, handle.module.running_var
-    ok = all(t.is_cpu and t.dtype == torch.float32 and t.is_contiguous() and t.dim() == 1 for t in (mean, var))
-    if not ok or mean.numel() != var.numel() or mean.numel() == 0 or native.kernel() is None:
+    c = mean.numel()
+    if c == 0 or not (native.cpu_vector(mean, torch.float32, c) and native.cpu_vector(var, torch.float32, c)):
+        return None
+    if native.kernel() is None:
         return None
     return native.ChannelSums(*acc.sums(mean.numel(), "cpu"), mean, var)

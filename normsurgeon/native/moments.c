@@ -226,5 +226,5 @@ int ns_moments_f32(const float *x, int64_t n, int64_t c, int64_t hw, double *acc
     return failed;
 }
 
-/* The ABI version the Python binding checks, so a stale cached build is never used. */
+/* The ABI version the Python binding (moments.py) checks against its own argument list. */
 int ns_moments_abi(void) { return 5; }

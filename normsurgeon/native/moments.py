@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 
 import torch
 
@@ -34,19 +35,17 @@ def _bind(lib: ctypes.CDLL | None):
     return fn
 
 
-_fn = None
-_loaded = False
 _off = 0
+
+
+@functools.lru_cache(maxsize=None)
+def _bound():
+    return _bind(build.load("moments"))
 
 
 def kernel():
     """The bound C function, or None (then :func:`why_not` says why)."""
-    global _fn, _loaded
-    if _off:
-        return None
-    if not _loaded:
-        _fn, _loaded = _bind(build.load("moments")), True
-    return _fn
+    return None if _off else _bound()
 
 
 def why_not() -> str:
@@ -54,7 +53,7 @@ def why_not() -> str:
         return ""
     if _off:
         return "turned off in this process (normsurgeon.native.moments.torch_only)"
-    return build.reason("moments") or "the cached moments library has another ABI version; delete it to rebuild"
+    return build.reason("moments") or f"moments.c does not match its binding (ABI version {ABI} expected)"
 
 
 @contextlib.contextmanager
@@ -68,8 +67,9 @@ def torch_only():
         _off -= 1
 
 
-def _vec(t: torch.Tensor | None, dtype: torch.dtype, c: int) -> bool:
-    return t is None or (t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() and t.numel() == c)
+def cpu_vector(t: torch.Tensor | None, dtype: torch.dtype, c: int) -> bool:
+    """``t`` is None, or a contiguous CPU vector of ``c`` values of ``dtype`` (what the kernel writes)."""
+    return t is None or (t.is_cpu and t.dtype == dtype and t.is_contiguous() and t.dim() == 1 and t.numel() == c)
 
 
 class ChannelSums:
@@ -87,8 +87,8 @@ class ChannelSums:
     def __init__(self, acc_s: torch.Tensor, acc_s2: torch.Tensor, mean_out: torch.Tensor | None = None,
                  var_out: torch.Tensor | None = None) -> None:
         c = acc_s.numel()
-        if c == 0 or not (_vec(acc_s, torch.float64, c) and _vec(acc_s2, torch.float64, c)
-                and _vec(mean_out, torch.float32, c) and _vec(var_out, torch.float32, c)):
+        if c == 0 or not (cpu_vector(acc_s, torch.float64, c) and cpu_vector(acc_s2, torch.float64, c)
+                and cpu_vector(mean_out, torch.float32, c) and cpu_vector(var_out, torch.float32, c)):
             raise ValueError("accumulators must be contiguous CPU float64, outputs float32, all of one length >= 1")
         self.c = c
         self._keep = (acc_s, acc_s2, mean_out, var_out)  # the addresses below stay valid while these live
