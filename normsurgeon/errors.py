@@ -6,6 +6,13 @@ Anything else escaping a verb is a bug in normsurgeon.
 from __future__ import annotations
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (cut to ``limit`` characters), or its type name: what
+    a one-line error quotes of a library's or the user's own exception."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__
+
+
 class NormSurgeonError(Exception):
     """Base class: a problem with the user's input, not with normsurgeon."""
 

@@ -27,6 +27,7 @@ from normsurgeon.errors import (
     ModelSpecError,
     OutputExistsError,
     UntrustedPickleError,
+    first_line,
 )
 
 FORMAT_KEY = "normsurgeon_format"
@@ -124,14 +125,14 @@ def _factory(module_name: str, attr: str):
         ) from None
     except Exception as e:  # noqa: BLE001 - the user's module failed while importing
         raise ModelSpecError(f"importing {module_name} for MODEL {spec} failed: "
-                             f"{type(e).__name__}: {_first_line(e)}; fix the module") from None
+                             f"{type(e).__name__}: {first_line(e)}; fix the module") from None
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         raise ModelSpecError(f"{module_name} has no callable {attr!r} to build the model")
     try:
         model = fn()
     except Exception as e:  # noqa: BLE001 - the user's factory failed (or needs arguments)
-        raise ModelSpecError(f"calling {spec}() failed: {type(e).__name__}: {_first_line(e)}; "
+        raise ModelSpecError(f"calling {spec}() failed: {type(e).__name__}: {first_line(e)}; "
                              "the spec must name a callable that builds the model with no arguments") from None
     import torch
 
@@ -182,21 +183,16 @@ def _torch_load(path: Path, weights_only: bool, trust_pickle: bool = False):
                 "If you trust its source, pass --trust-pickle (API: trust_pickle=True)"
             ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
-        raise ModelSpecError(f"cannot read {path}: the file is corrupt or not a torch file ({_first_line(e)})") from None
+        raise ModelSpecError(f"cannot read {path}: the file is corrupt or not a torch file ({first_line(e)})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - arbitrary code ran; report it as a load failure
-        raise ModelSpecError(f"unpickling {path} failed: {_first_line(e)}") from None
+        raise ModelSpecError(f"unpickling {path} failed: {first_line(e)}") from None
 
 
 def _mismatch_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
-    return lines[0][:200] if lines else _first_line(e)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+    return lines[0][:200] if lines else first_line(e)
 
 
 def _read_safetensors(path: Path):
@@ -207,7 +203,7 @@ def _read_safetensors(path: Path):
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise ModelSpecError(f"cannot read {path}: not a valid safetensors file ({_first_line(e)})") from None
+        raise ModelSpecError(f"cannot read {path}: not a valid safetensors file ({first_line(e)})") from None
     return tensors, meta
 
 

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from normsurgeon.errors import DataError
+from normsurgeon.errors import DataError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet normalization constants
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -94,7 +94,7 @@ class FolderData(Dataset):
             self.folder = datasets.ImageFolder(str(root), transform=transforms.Compose(tf))
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(
-                f"{root} holds no images in ImageFolder layout ({_first_line(e)}); "
+                f"{root} holds no images in ImageFolder layout ({first_line(e)}); "
                 "put images in one subfolder per class, e.g. ROOT/cat/1.jpg"
             ) from None
         self._shape = (1 if gray else 3, image_size, image_size)
@@ -117,7 +117,7 @@ class FolderData(Dataset):
             try:
                 x, y = self.folder[i]
             except Exception as e:  # noqa: BLE001 - PIL raises many types for a broken image
-                raise DataError(f"cannot read image {path}: {_first_line(e)}") from None
+                raise DataError(f"cannot read image {path}: {first_line(e)}") from None
             xs.append(x)
             ys.append(y)
         x = torch.stack(xs)
@@ -181,7 +181,7 @@ def _read_npz(path: Path):
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - numpy raises ValueError/OSError/zipfile errors
-        raise DataError(f"cannot read {path}: {_first_line(e)}; write it with numpy.savez(path, x=..., y=...)") from None
+        raise DataError(f"cannot read {path}: {first_line(e)}; write it with numpy.savez(path, x=..., y=...)") from None
     return _to_tensor(x, path, "x"), (None if y is None else _to_tensor(y, path, "y"))
 
 
@@ -196,7 +196,7 @@ def _read_pt(path: Path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling errors of many kinds
-        raise DataError(f"cannot read {path} as plain tensors ({_first_line(e)}); "
+        raise DataError(f"cannot read {path} as plain tensors ({first_line(e)}); "
                         "save a dict {'x': tensor, 'y': tensor} with torch.save") from None
     if isinstance(obj, torch.Tensor):
         return obj, None
@@ -260,11 +260,6 @@ def check_tensors(x, y, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         if (y < 0).any():
             raise DataError(f"y in {where} holds negative labels; store class indices 0..K-1")
     return x, y
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__
 
 
 def as_dataset(data, *, image_size: int | None = None, mean: Sequence[float] | None = None,

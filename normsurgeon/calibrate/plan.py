@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from normsurgeon.calibrate.data import Dataset
-from normsurgeon.errors import DataError
+from normsurgeon.errors import DataError, first_line
 
 SHUFFLE_SEED = 0
 
@@ -107,6 +107,4 @@ def run_model(model: nn.Module, x: torch.Tensor):
     try:
         return model(x)
     except (RuntimeError, ValueError, IndexError) as e:
-        text = str(e).strip().splitlines()
-        first = text[0][:200] if text else type(e).__name__
-        raise DataError(f"the model cannot run on data batches of shape {tuple(x.shape)}: {first}") from None
+        raise DataError(f"the model cannot run on data batches of shape {tuple(x.shape)}: {first_line(e)}") from None

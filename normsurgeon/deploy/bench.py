@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from normsurgeon.errors import DataError, ModelSpecError, NormSurgeonError
+from normsurgeon.errors import DataError, ModelSpecError, NormSurgeonError, first_line
 
 
 @dataclass
@@ -285,8 +285,7 @@ def _user_file_call(t: _Target, message: str, fn, *args, **kwargs):
     except NormSurgeonError:
         raise
     except Exception as e:  # ORT's exception types (Fail, InvalidArgument, ...) share no base but Exception
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:600]
-        raise DataError(f"{message} ({first})") from None
+        raise DataError(f"{message} ({first_line(e, 600)})") from None
 
 
 def _ort_runner(sess, x: np.ndarray, choice):

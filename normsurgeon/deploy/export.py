@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normsurgeon.errors import NormSurgeonError, VerificationError
+from normsurgeon.errors import NormSurgeonError, VerificationError, first_line
 
 EXTERNAL_DATA_BYTES = 1536 << 20  # above this the weights go to PATH.data (protobuf's limit is 2 GiB)
 TOLERANCE = {False: 1e-4, True: 1e-2}  # max |ort - torch| / max |torch|, fp32 / fp16 (issue 3)
@@ -234,7 +234,7 @@ def _export(model, x, opset, dynamic_batch, exporter, out_names, notes):
         try:
             return _dynamo(model, x, opset, dynamic_batch, out_names), "dynamo"
         except Exception as e:  # noqa: BLE001 - reported; auto falls back
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = first_line(e)
             if exporter == "dynamo":
                 raise ExportError(f"torch.onnx dynamo export failed ({type(e).__name__}: {first}); "
                                   "try --exporter torchscript") from None
@@ -246,7 +246,7 @@ def _export(model, x, opset, dynamic_batch, exporter, out_names, notes):
     try:
         return _torchscript(model, x, opset, dynamic_batch, out_names), "torchscript"
     except Exception as e:  # noqa: BLE001
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise ExportError(f"torch.onnx export failed ({type(e).__name__}: {first})") from None
 
 
