@@ -1,16 +1,20 @@
 """Recalibration throughput vs a plain eval forward pass over the same data (goal: >= 0.9x).
 
-    python benchmarks/recalibrate_throughput.py [--threads N] [--rounds R]
+    python benchmarks/recalibrate_throughput.py [--threads N] [--rounds R] [--only NAME]
 
-Both sides iterate the same batches (same order, same gather from the dataset) under no_grad. Each
-round times one eval pass, one ``normsurgeon.recalibrate`` call, and one call with the C kernel turned
-off (``torch_only``: two torch reductions per layer, the fallback path), interleaved so that machine
-noise hits all alike; the table shows medians over R rounds. "loop" is the statistics loop
-(``info["seconds"]``); "call" is the whole call (deep copy of the model, loading statistics).
+Every round runs, in a shuffled order (so that this machine's drifts do not always favour the same
+side), one eval pass and three ``normsurgeon.recalibrate`` calls over the same batches under no_grad:
+the default path (C statistics kernel, BN layers normalizing in place where their input is used by
+nothing else), the same with in-place normalization off (``out_of_place``), and the torch fallback
+(``torch_only``: two torch reductions per layer, no in-place). Each ratio is a pass's samples/s over
+the eval pass's *in the same round*; the table shows the median ratio over R rounds and its range.
+"loop" is the statistics loop (``info["seconds"]``); "call" is the whole call (deep copy of the
+model, tracing, loading statistics).
 """
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -20,6 +24,7 @@ import torchvision
 import normsurgeon
 from normsurgeon.calibrate.data import TensorData, load_digits
 from normsurgeon.calibrate.digits_cnn import train_digits_cnn
+from normsurgeon.calibrate.inplace import out_of_place
 from normsurgeon.calibrate.plan import make_plan
 from normsurgeon.native import moments as native
 
@@ -30,18 +35,28 @@ def eval_pass(model, data, batch_size):
     with torch.no_grad():
         for b in range(len(plan)):
             model(data.take(plan.indices(b))[0])
-    return plan.samples / (time.perf_counter() - start)
+    return {"eval": plan.samples / (time.perf_counter() - start)}
 
 
 def recal_pass(model, data, batch_size):
     start = time.perf_counter()
     res = normsurgeon.recalibrate(model, data, batch_size=batch_size)
-    return res.info["samples_per_s"], res.info["samples"] / (time.perf_counter() - start), res.info["statistics_kernel"]
+    return {"loop": res.info["samples_per_s"], "call": res.info["samples"] / (time.perf_counter() - start),
+            "kernel": res.info["statistics_kernel"]}
 
 
-def torch_path_loop(model, data, batch_size):
+def out_of_place_pass(model, data, batch_size):
+    with out_of_place():
+        return {"out of place": recal_pass(model, data, batch_size)["loop"]}
+
+
+def torch_path_pass(model, data, batch_size):
     with native.torch_only():
-        return recal_pass(model, data, batch_size)[0]
+        return {"torch path": recal_pass(model, data, batch_size)["loop"]}
+
+
+PASSES = (eval_pass, recal_pass, out_of_place_pass, torch_path_pass)
+COLUMNS = ("loop", "call", "out of place", "torch path")
 
 
 def cases():
@@ -56,25 +71,34 @@ def cases():
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--only", default="", help="run only the cases whose name contains this")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch threads: {args.threads}; medians over {args.rounds} interleaved rounds; "
-          f"C kernel: {'yes' if native.kernel() is not None else 'no: ' + native.why_not()}")
-    print(f"{'case':36s} {'eval samples/s':>15s} {'loop':>9s} {'ratio':>6s} {'call':>9s} {'ratio':>6s} "
-          f"{'loop, torch path':>17s} {'ratio':>6s}")
+    order = random.Random(0)
+    print(f"torch threads: {args.threads}; {args.rounds} rounds, passes in shuffled order; ratio = samples/s over "
+          f"the same round's eval pass: median [min-max]; C kernel: "
+          f"{'yes' if native.kernel() is not None else 'no: ' + native.why_not()}")
+    print(f"{'case':36s} {'eval samples/s':>15s} " + " ".join(f"{c:>19s}" for c in COLUMNS))
     for name, model, data, bs in cases():
+        if args.only not in name:
+            continue
         eval_pass(model, data, bs)  # warm-up
-        ev, loop, call, plain = [], [], [], []
+        rounds = []
         for _ in range(args.rounds):
-            ev.append(eval_pass(model, data, bs))
-            lp, cl, kernel = recal_pass(model, data, bs)
-            loop.append(lp)
-            call.append(cl)
-            plain.append(torch_path_loop(model, data, bs))
-        e, lp, cl, pl = (statistics.median(v) for v in (ev, loop, call, plain))
-        print(f"{name:36s} {e:15.1f} {lp:9.1f} {lp / e:6.2f} {cl:9.1f} {cl / e:6.2f} {pl:17.1f} {pl / e:6.2f}")
-        print(f"{'':36s} statistics kernel: {kernel}")
+            passes = list(PASSES)
+            order.shuffle(passes)
+            got = {}
+            for p in passes:
+                got.update(p(model, data, bs))
+            rounds.append(got)
+        cells = []
+        for col in COLUMNS:
+            r = [g[col] / g["eval"] for g in rounds]
+            cells.append(f"{statistics.median(r):.2f} [{min(r):.2f}-{max(r):.2f}]")
+        e = statistics.median(g["eval"] for g in rounds)
+        print(f"{name:36s} {e:15.1f} " + " ".join(f"{c:>19s}" for c in cells))
+        print(f"{'':36s} statistics kernel: {rounds[-1]['kernel']}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@
  *
  * Built and loaded at run time by normsurgeon/native/build.py; the torch path is the fallback.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -226,5 +227,50 @@ int ns_moments_f32(const float *x, int64_t n, int64_t c, int64_t hw, double *acc
     return failed;
 }
 
-/* The ABI version the Python binding (moments.py) checks against its own argument list. */
-int ns_moments_abi(void) { return 5; }
+/* x = x * scale + shift in place, per channel, with scale = weight / sqrt(var + eps) and shift =
+ * bias - mean * scale (weight / bias NULL: 1 / 0), computed in float as torch's CPU BN computes
+ * them: a BN's eval-mode normalization with (mean, var), for the statistics pass of a layer whose
+ * input is used by nothing else (normsurgeon/calibrate/inplace.py decides that). Rows are split
+ * across threads like the sums. Returns 0, or 1 when memory ran out (x untouched then). */
+int ns_normalize_f32(float *x, int64_t n, int64_t c, int64_t hw, const float *mean, const float *var,
+                     const float *weight, const float *bias, double eps, int threads) {
+    if (n <= 0 || c <= 0 || hw <= 0) return 0;
+    float *scale = malloc(2 * (size_t)c * sizeof(float));
+    if (!scale) return 1;
+    float *shift = scale + c;
+    for (int64_t ch = 0; ch < c; ch++) {
+        float inv = 1.0f / sqrtf(var[ch] + (float)eps);
+        scale[ch] = weight ? inv * weight[ch] : inv;
+        shift[ch] = (bias ? bias[ch] : 0.0f) - mean[ch] * scale[ch];
+    }
+    int64_t rows = n * c;
+    if (threads < 1 || rows * hw < MIN_PARALLEL) threads = 1;
+    if (threads > rows) threads = (int)rows;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        int64_t lo = rows * t / nt, hi = rows * (t + 1) / nt, ch = lo % c;
+        if (hw == 1) { /* (n, c): one value per row */
+            for (int64_t r = lo; r < hi; r++) {
+                x[r] = x[r] * scale[ch] + shift[ch];
+                if (++ch == c) ch = 0;
+            }
+        } else {
+            for (int64_t r = lo; r < hi; r++) {
+                float *row = x + r * hw;
+                const float a = scale[ch], b = shift[ch];
+                for (int64_t j = 0; j < hw; j++) row[j] = row[j] * a + b;
+                if (++ch == c) ch = 0;
+            }
+        }
+    }
+    free(scale);
+    return 0;
+}
+
+/* The ABI version the Python binding (moments.py) checks against its own argument lists. */
+int ns_moments_abi(void) { return 6; }

@@ -10,42 +10,55 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+from typing import Callable, NamedTuple
 
 import torch
 
 from normsurgeon.native import build
 
-ABI = 5
+ABI = 6
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
-def _bind(lib: ctypes.CDLL | None):
-    """The C function, or None for a missing library or another ABI version."""
+class _Lib(NamedTuple):
+    sums: Callable[..., int]
+    normalize: Callable[..., int]
+
+
+def _bind(lib: ctypes.CDLL | None) -> _Lib | None:
+    """The C functions, or None for a missing library or another ABI version."""
     if lib is None:
         return None
     try:
-        abi, fn = lib.ns_moments_abi, lib.ns_moments_f32
+        abi, sums, normalize = lib.ns_moments_abi, lib.ns_moments_f32, lib.ns_normalize_f32
     except AttributeError:
         return None
     abi.restype = ctypes.c_int
     if abi() != ABI:
         return None
-    fn.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
+    sums.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, ctypes.c_int]
+    sums.restype = ctypes.c_int
+    normalize.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, ctypes.c_double, ctypes.c_int]
+    normalize.restype = ctypes.c_int
+    return _Lib(sums, normalize)
 
 
 _off = 0
 
 
 @functools.lru_cache(maxsize=None)
-def _bound():
+def _bound() -> _Lib | None:
     return _bind(build.load("moments"))
 
 
-def kernel():
-    """The bound C function, or None (then :func:`why_not` says why)."""
+def _lib() -> _Lib | None:
     return None if _off else _bound()
+
+
+def kernel():
+    """The bound sums function, or None (then :func:`why_not` says why)."""
+    lib = _lib()
+    return None if lib is None else lib.sums
 
 
 def why_not() -> str:
@@ -103,3 +116,33 @@ class ChannelSums:
         if per == 0 or fn(x.data_ptr(), n, self.c, per, *self._ptrs, torch.get_num_threads()) != 0:
             return 0
         return n * per
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class InPlaceNorm:
+    """A torch BN's eval-mode normalization done in place on its input, in one C pass.
+
+    For the statistics pass only, and only where the input is used by nothing else (see
+    :mod:`normsurgeon.calibrate.inplace`): it saves the output allocation (whose first touch costs
+    more than the arithmetic on large maps) and one write of the activations. ``__call__(x)``
+    returns False, x untouched, when it cannot take ``x`` (then the module's own forward runs)."""
+
+    def __init__(self, bn: torch.nn.Module) -> None:
+        c = bn.num_features
+        if not (cpu_vector(bn.running_mean, torch.float32, c) and cpu_vector(bn.running_var, torch.float32, c)
+                and cpu_vector(bn.weight, torch.float32, c) and cpu_vector(bn.bias, torch.float32, c)):
+            raise ValueError("running statistics, weight and bias must be contiguous CPU float32 vectors")
+        self.bn, self.c = bn, c
+
+    def __call__(self, x: torch.Tensor) -> bool:
+        lib, bn = _lib(), self.bn
+        if (lib is None or x.dtype != torch.float32 or not x.is_cpu or x.dim() < 2 or x.shape[1] != self.c
+                or not x.is_contiguous() or x.numel() == 0 or x.is_neg() or x.requires_grad):
+            return False
+        n = x.shape[0]
+        return lib.normalize(x.data_ptr(), n, self.c, x.numel() // (n * self.c), bn.running_mean.data_ptr(),
+                             bn.running_var.data_ptr(), _ptr(bn.weight), _ptr(bn.bias), float(bn.eps),
+                             torch.get_num_threads()) == 0
