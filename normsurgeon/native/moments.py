@@ -3,7 +3,8 @@ accumulators in place (and, optionally, the batch mean / biased variance written
 
 A :class:`ChannelSums` call returns 0 whenever the kernel cannot take a tensor (no compiled library,
 not a contiguous CPU float32 tensor with the right channel count); callers then use
-:func:`normsurgeon.layers.moments.moment_sums`.
+:func:`normsurgeon.layers.moments.moment_sums`. :class:`InPlaceNorm` is the second function of the
+same library: a BN's eval-mode normalization written over its input (False when it cannot take it).
 """
 from __future__ import annotations
 
