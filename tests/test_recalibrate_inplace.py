@@ -7,7 +7,8 @@ import torchvision
 from torch import fx, nn
 
 import normsurgeon
-from normsurgeon.calibrate.inplace import in_place_producers, out_of_place
+import normsurgeon.calibrate.recalibrate as recalibrate_module
+from normsurgeon.calibrate.inplace import in_place_producers, out_of_place, pairs_from_graph
 from normsurgeon.native import moments as native
 from tests.test_calibrate_stats import reference_stats
 from tests.util import randomize_norm_stats
@@ -92,24 +93,54 @@ class MyBN(nn.BatchNorm2d):
     pass
 
 
+class KeepingConv(nn.Conv2d):
+    """A conv subclass that keeps its output: only torch's own conv/linear classes may produce."""
+
+    def forward(self, x):
+        self.last = super().forward(x)
+        return self.last
+
+
 @pytest.mark.parametrize("make, eligible", [
     (ReusedConvOutput, []),  # bn's input has two users; bn2's input is a sum
     (SharedBN, []),
     (SharedConv, []),
     (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), MyBN(4)), []),  # a subclass may do more than normalize
+    (lambda: nn.Sequential(KeepingConv(3, 4, 1), nn.BatchNorm2d(4)), []),
     (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.BatchNorm2d(4)), []),  # relu's output, not a conv's
     (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 25, 6),
                            nn.BatchNorm1d(6)), ["1", "4"]),
 ])
 def test_only_plain_bn_fed_by_its_own_single_use_conv(make, eligible):
     m = make().eval()
-    pairs, why = in_place_producers(m)
+    pairs, why = pairs_from_graph(m)
     named = {id(mod): name for name, mod in m.named_modules()}
     assert why == ""
     assert sorted(named[id(bn)] for bn in pairs) == eligible
 
 
-def test_a_reused_conv_output_is_left_intact():
+@pytest.fixture
+def graph_rule_only(monkeypatch):
+    """Lift the library-code rule so that purpose-built models reach the graph and run-time checks."""
+    monkeypatch.setattr(recalibrate_module, "in_place_producers", pairs_from_graph)
+
+
+def test_user_written_forwards_never_run_in_place():
+    torch.manual_seed(0)
+    m = ReusedConvOutput().eval()
+    pairs, why = in_place_producers(m)
+    assert pairs == {}
+    assert why == ("the model (ReusedConvOutput) runs its own forward code; only torch, torchvision, timm and "
+                   "normsurgeon modules run in place")
+    x = torch.randn(12, 3, 6, 6) * 2 + 1
+    res = normsurgeon.recalibrate(m, x, batch_size=4, shuffle=False)
+    assert res.info["in_place"] == "no: " + why
+    assert_reference(m, res.model, x, [(0, 4), (4, 8), (8, 12)])
+    # a torch container holding a user class is refused the same way
+    assert in_place_producers(nn.Sequential(KeepingConv(3, 4, 1), nn.BatchNorm2d(4)))[1].startswith("0 (KeepingConv)")
+
+
+def test_a_reused_conv_output_is_left_intact(graph_rule_only):
     torch.manual_seed(0)
     m = ReusedConvOutput().eval()
     x = torch.randn(12, 3, 6, 6) * 2 + 1
@@ -118,19 +149,53 @@ def test_a_reused_conv_output_is_left_intact():
     assert_reference(m, res.model, x, [(0, 4), (4, 8), (8, 12)])
 
 
-def test_hooks_and_instance_forwards_rule_a_layer_out():
-    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),
-                      nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()
+def test_hooks_anywhere_rule_the_model_out():
+    m = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 1)), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                      nn.BatchNorm2d(4)).eval()
+    assert len(in_place_producers(m)[0]) == 2
     kept = []
-    m[0].register_forward_hook(lambda mod, args, out: kept.append(out))  # a feature extractor keeps the output
-    m[4].forward = m[4].forward  # someone set an instance forward
-    pairs, _ = in_place_producers(m)
-    assert [bn for bn in pairs] == [m[3]]
+    handle = m[0].register_forward_hook(lambda mod, args, out: kept.append(out))  # a hook on the wrapper
+    assert in_place_producers(m) == ({}, "0 has hooks or an instance-level forward")
+    x = torch.randn(8, 3, 5, 5)
+    normsurgeon.recalibrate(m, x, batch_size=4, shuffle=False)
+    with torch.no_grad():  # the kept outputs are the conv's, not overwritten by the BN
+        torch.testing.assert_close(kept[-1], m[0](x[4:8]), rtol=0, atol=0)
+    handle.remove()
+    m[2].forward = m[2].forward  # someone set an instance forward
+    assert in_place_producers(m) == ({}, "2 has hooks or an instance-level forward")
     handle = nn.modules.module.register_module_forward_hook(lambda mod, args, out: None)
     try:
-        assert in_place_producers(m) == ({}, "global module hooks are registered")
+        assert in_place_producers(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))) == (
+            {}, "global module hooks are registered")
     finally:
         handle.remove()
+
+
+def test_a_hook_registered_during_the_pass_stops_the_overwrite():
+    """A global hook added mid-pass (from the progress callback) keeps conv outputs that stay intact."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(12, 3, 7, 7)
+    kept, handles = [], []
+
+    def keep(mod, args, out):
+        if isinstance(mod, nn.Conv2d) and mod.in_channels == 3:
+            kept.append(out)
+
+    def progress(n):
+        if not handles:
+            handles.append(nn.modules.module.register_module_forward_hook(keep))
+
+    try:
+        res = normsurgeon.recalibrate(m, x, batch_size=4, shuffle=False, progress=progress)
+    finally:
+        for h in handles:
+            h.remove()
+    # batch 1 ran before the hook: both BN in place; batches 2 and 3 after it: none
+    assert res.info["statistics_kernel"] == "native (one-pass C kernel); 2 of 6 layer calls normalized in place"
+    assert len(kept) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(kept[-1], m[0](x[8:12]), rtol=0, atol=0)
 
 
 class Streaming(nn.Module):
@@ -149,10 +214,10 @@ class Streaming(nn.Module):
         return y if prev is None or prev.shape != y.shape else y + prev
 
 
-def test_a_forward_that_stores_activations_keeps_the_out_of_place_path():
+def test_a_forward_that_stores_activations_keeps_the_out_of_place_path(graph_rule_only):
     torch.manual_seed(0)
     m = Streaming().eval()
-    pairs, why = in_place_producers(m)
+    pairs, why = pairs_from_graph(m)
     assert pairs == {} and why == "its forward stores values on the model"
     assert m.last is None  # the model was not traced itself
     x = torch.randn(12, 3, 5, 5)
@@ -173,7 +238,7 @@ class DataDependent(nn.Module):
         return self.bn(self.conv(x))
 
 
-def test_untraceable_models_say_why_and_stay_exact():
+def test_untraceable_models_say_why_and_stay_exact(graph_rule_only):
     torch.manual_seed(0)
     m = DataDependent().eval()
     x = torch.randn(12, 3, 5, 5)
@@ -198,10 +263,10 @@ class TracesDifferently(nn.Module):
         return self.bn2(self.bn(h.clone()) + h)
 
 
-def test_the_run_time_identity_check_catches_what_the_graph_missed():
+def test_the_run_time_identity_check_catches_what_the_graph_missed(graph_rule_only):
     torch.manual_seed(0)
     m = TracesDifferently().eval()
-    pairs, _ = in_place_producers(m)
+    pairs, _ = pairs_from_graph(m)
     assert list(pairs) == [m.bn]
     x = torch.randn(12, 3, 5, 5) * 2 + 1
     fast, slow = recal_both(m, x)

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from normsurgeon.calibrate.inplace import hooked_now
 from normsurgeon.calibrate.protocol import BatchNormStats
 from normsurgeon.calibrate.stats import PooledMoments
 from normsurgeon.native import moments as native
@@ -97,7 +98,7 @@ class Collection:
 
         def take_over(args, kwargs):
             x, handed[0] = handed[0], None
-            if x is None or len(args) != 1 or kwargs or args[0] is not x or not norm(x):
+            if x is None or len(args) != 1 or kwargs or args[0] is not x or hooked_now(producer, bn) or not norm(x):
                 return None
             self.calls["in_place"] += 1
             return x

@@ -5,20 +5,26 @@ than the normalization's arithmetic on large maps (on ResNet-50 at 224x224 the B
 an eval forward on CPU, mostly that). In the statistics pass nothing keeps activations, so a BN whose
 input is used by nothing else can overwrite that input with its output.
 
-"Used by nothing else" is decided from the model's torch.fx graph, and only for the plainest case:
+Only models whose every forward is library code qualify: every module's class comes from torch,
+torchvision, timm or normsurgeon, no module has hooks or a forward set on the instance, and no
+global module hook is registered. A user-written forward can keep an activation where no graph
+shows it (a deque on ``self``, a module-level list, a hook on a wrapper) and read it after the BN
+overwrote it, or on the next batch; and tracing runs its Python side effects. Within such models,
+"used by nothing else" is read from the torch.fx graph of a structural copy (the model itself is
+never traced), for the plainest case only:
 
 - the BN is a plain ``nn.BatchNorm1d/2d/3d`` (not a subclass: timm's BatchNormAct2d adds an
   activation), called at exactly one place in the graph, with the tensor as its only argument;
-- its input is produced by a conv or linear module (a fresh tensor, never an alias of another),
-  itself called at exactly one place, whose output has no user but the BN;
-- neither module has hooks (a hook could keep the tensor) or a forward set on the instance;
-- tracing neither failed nor changed any module attribute (a forward that stores an activation on
-  ``self``, e.g. a streaming cache, could read it again on the next batch).
+- its input is produced by a torch conv or linear module of exactly that class (a fresh tensor,
+  never an alias; a subclass could return a buffer or keep its output), itself called at exactly
+  one place, whose output has no user but the BN;
+- tracing neither failed nor changed any module attribute (defence in depth).
 
-At run time the collector also checks that the BN received the very tensor that its producer
-returned in this call (``is``), and that the producer did not return its own input; otherwise the
-BN runs its own forward. Anything else (untraceable models, residual sums, concatenations) keeps the
-ordinary out-of-place forward: the statistics are the same either way.
+At run time the collector also checks, on every call, that the BN received the very tensor its
+producer returned in this call (``is``), that the tensor is not a view, and that no hook was added
+to either module or globally since; otherwise the BN runs its own forward. Anything else (other
+models, residual sums, concatenations) keeps the ordinary out-of-place forward: the statistics are
+the same either way.
 """
 from __future__ import annotations
 
@@ -26,13 +32,14 @@ import contextlib
 import copy
 
 from torch import fx, nn
-from torch.nn.modules.conv import _ConvNd
 
 from normsurgeon.errors import first_line
 from normsurgeon.graph.trace import try_trace
 
 PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-FRESH_PRODUCERS = (_ConvNd, nn.Linear)
+FRESH_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                   nn.Linear)
+LIBRARIES = ("torch", "torchvision", "timm", "normsurgeon")
 _off = 0
 
 
@@ -49,12 +56,24 @@ def out_of_place():
 
 def in_place_producers(model: nn.Module) -> tuple[dict[nn.Module, nn.Module], str]:
     """``{bn: producer}`` for every BN of ``model`` that may normalize in place, and a one-line reason
-    when none may for a model-wide cause ("" otherwise). ``model`` itself is not traced (a symbolic
-    forward may store proxies on ``self``): a structural copy sharing its tensors is."""
+    when none may for a model-wide cause ("" otherwise)."""
     if _off:
         return {}, "turned off in this process (normsurgeon.calibrate.inplace.out_of_place)"
     if any(_global_hooks()):
         return {}, "global module hooks are registered"
+    for name, m in model.named_modules():
+        where = name or "the model"
+        if type(m).__module__.split(".")[0] not in LIBRARIES:
+            return {}, (f"{where} ({type(m).__name__}) runs its own forward code; only torch, torchvision, timm "
+                        f"and normsurgeon modules run in place")
+        if _hooked(m) or "forward" in vars(m):
+            return {}, f"{where} has hooks or an instance-level forward"
+    return pairs_from_graph(model)
+
+
+def pairs_from_graph(model: nn.Module) -> tuple[dict[nn.Module, nn.Module], str]:
+    """The graph half of :func:`in_place_producers`, without the library-code rule (tests use it to
+    check the graph conditions on purpose-built models)."""
     try:
         shadow = copy.deepcopy(model, {id(t): t for t in (*model.parameters(), *model.buffers())})
     except Exception as e:  # noqa: BLE001 - an attribute that refuses copying: no in-place, said why
@@ -90,7 +109,7 @@ def _fresh_single_use_input(gm: fx.GraphModule, node: fx.Node, calls: dict[str, 
     src = node.args[0]
     if not isinstance(src, fx.Node) or src.op != "call_module" or calls[src.target] != 1 or len(src.users) != 1:
         return None
-    if not isinstance(gm.get_submodule(src.target), FRESH_PRODUCERS):
+    if type(gm.get_submodule(src.target)) not in FRESH_PRODUCERS:
         return None
     if _hooked(gm.get_submodule(src.target)) or _hooked(gm.get_submodule(node.target)):
         return None
@@ -100,6 +119,11 @@ def _fresh_single_use_input(gm: fx.GraphModule, node: fx.Node, calls: dict[str, 
 def _hooked(m: nn.Module) -> bool:
     return any(getattr(m, name, None) for name in (
         "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
+def hooked_now(*modules: nn.Module) -> bool:
+    """A forward hook on any of ``modules``, or a global one, registered now (checked per call)."""
+    return any(_global_hooks()) or any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def _global_hooks():
