@@ -32,6 +32,7 @@ import contextlib
 import copy
 
 from torch import fx, nn
+from torch.nn.modules import module as _torch_module
 
 from normsurgeon.errors import first_line
 from normsurgeon.graph.trace import try_trace
@@ -41,6 +42,8 @@ FRESH_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvT
                    nn.Linear)
 LIBRARIES = ("torch", "torchvision", "timm", "normsurgeon")
 _off = 0
+# torch registers global hooks into these dicts in place, so references taken once stay current
+_GLOBAL_FORWARD = (_torch_module._global_forward_hooks, _torch_module._global_forward_pre_hooks)
 
 
 @contextlib.contextmanager
@@ -121,15 +124,15 @@ def _hooked(m: nn.Module) -> bool:
         "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
 
 
-def hooked_now(*modules: nn.Module) -> bool:
-    """A forward hook on any of ``modules``, or a global one, registered now (checked per call)."""
-    return any(_global_hooks()) or any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+def hooked_now(producer: nn.Module, bn: nn.Module) -> bool:
+    """A forward hook on either module, or a global one, registered now (checked on every call, so
+    kept to attribute lookups)."""
+    return bool(_GLOBAL_FORWARD[0] or _GLOBAL_FORWARD[1] or producer._forward_hooks or producer._forward_pre_hooks
+                or bn._forward_hooks or bn._forward_pre_hooks)
 
 
 def _global_hooks():
-    from torch.nn.modules import module as torch_module
-
-    return (getattr(torch_module, name, None) for name in (
+    return (getattr(_torch_module, name, None) for name in (
         "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
         "_global_backward_pre_hooks"))
 
