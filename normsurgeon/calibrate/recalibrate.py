@@ -17,8 +17,9 @@ How the pass runs (one eval-mode forward per batch, the cost of inference):
   ``update_bn`` does the same with the *whole model* in train mode, dropout included; pooling
   exactly and keeping dropout off are the differences.) A consequence: results depend on the batch
   size (not on the number of processes); use batches of at least 16-32 samples.
-- On CPU with the C kernel, a plain torch BN whose input comes straight from a conv or linear and is
-  used by nothing else (decided from the fx graph, checked again on every call; see
+- On CPU with the C kernel, in a model built only from library modules (torch, torchvision, timm,
+  normsurgeon), a plain torch BN whose input comes straight from a conv or linear and is used by
+  nothing else (decided from the fx graph, checked again on every call; see
   :mod:`normsurgeon.calibrate.inplace`) overwrites that input with its output: no output allocation,
   the same values bit for bit.
 - At the end each layer receives the pooled ``E[x]``, ``E[x^2]`` and count (``load_moments``).
