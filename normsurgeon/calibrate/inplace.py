@@ -28,7 +28,6 @@ the same either way.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
 from torch import fx, nn
@@ -36,33 +35,25 @@ from torch.nn.modules import module as _torch_module
 
 from normsurgeon.errors import first_line
 from normsurgeon.graph.trace import try_trace
+from normsurgeon.switch import OffSwitch
 
 PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 FRESH_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                    nn.Linear)
 LIBRARIES = ("torch", "torchvision", "timm", "normsurgeon")
-_off = 0
+# ``with out_of_place():`` no BN normalizes in place: benchmarks and tests compare the two paths
+out_of_place = OffSwitch()
 # torch registers global hooks into these dicts in place, so references taken once stay current
-_GLOBAL_FORWARD = (_torch_module._global_forward_hooks, _torch_module._global_forward_pre_hooks)
-
-
-@contextlib.contextmanager
-def out_of_place():
-    """Within this block no BN normalizes in place: benchmarks and tests compare the two paths."""
-    global _off
-    _off += 1
-    try:
-        yield
-    finally:
-        _off -= 1
+_GLOBAL_HOOKS = tuple(getattr(_torch_module, name) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
 def in_place_producers(model: nn.Module) -> tuple[dict[nn.Module, nn.Module], str]:
     """``{bn: producer}`` for every BN of ``model`` that may normalize in place, and a one-line reason
     when none may for a model-wide cause ("" otherwise)."""
-    if _off:
+    if out_of_place:
         return {}, "turned off in this process (normsurgeon.calibrate.inplace.out_of_place)"
-    if any(_global_hooks()):
+    if any(_GLOBAL_HOOKS):
         return {}, "global module hooks are registered"
     for name, m in model.named_modules():
         where = name or "the model"
@@ -127,14 +118,8 @@ def _hooked(m: nn.Module) -> bool:
 def hooked_now(producer: nn.Module, bn: nn.Module) -> bool:
     """A forward hook on either module, or a global one, registered now (checked on every call, so
     kept to attribute lookups)."""
-    return bool(_GLOBAL_FORWARD[0] or _GLOBAL_FORWARD[1] or producer._forward_hooks or producer._forward_pre_hooks
+    return bool(_GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1] or producer._forward_hooks or producer._forward_pre_hooks
                 or bn._forward_hooks or bn._forward_pre_hooks)
-
-
-def _global_hooks():
-    return (getattr(_torch_module, name, None) for name in (
-        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-        "_global_backward_pre_hooks"))
 
 
 def _stores_values(m: nn.Module, before: dict) -> bool:

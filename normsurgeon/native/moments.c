@@ -161,6 +161,24 @@ static int sum_rows(const float *x, int64_t lo, int64_t hi, int64_t c, int64_t h
     return 0;
 }
 
+/* threads for a pass over rows * hw values: one below MIN_PARALLEL, never more than rows */
+static int team_size(int64_t rows, int64_t hw, int threads) {
+    if (threads < 1 || rows * hw < MIN_PARALLEL) return 1;
+    return threads > rows ? (int)rows : threads;
+}
+
+/* inside a parallel region: this thread's contiguous share [*lo, *hi) of rows; returns its number */
+static int64_t my_rows(int64_t rows, int64_t *lo, int64_t *hi) {
+    int64_t t = 0, nt = 1;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+    nt = omp_get_num_threads();
+#endif
+    *lo = rows * t / nt;
+    *hi = rows * (t + 1) / nt;
+    return t;
+}
+
 /* Add per-channel sum(x), sum(x^2) of x (n, c, hw) to acc_s/acc_s2 (float64, length c). When not
  * NULL, mean_out/var_out (float32, length c) receive this batch's mean and biased variance (NaN/Inf
  * in a channel's data give NaN/Inf there, as in the sums). Returns 0, or 1 when memory ran out
@@ -169,8 +187,7 @@ int ns_moments_f32(const float *x, int64_t n, int64_t c, int64_t hw, double *acc
                    float *mean_out, float *var_out, int threads) {
     if (n <= 0 || c <= 0 || hw <= 0) return 0;
     int64_t rows = n * c;
-    if (threads < 1 || rows * hw < MIN_PARALLEL) threads = 1;
-    if (threads > rows) threads = (int)rows;
+    threads = team_size(rows, hw, threads);
     double *part = calloc((size_t)threads * 2 * (size_t)c, sizeof(double));
     float *k = calloc((size_t)c, sizeof(float)); /* the shift per channel (0 if not finite) */
     if (!part || !k) {
@@ -196,13 +213,9 @@ int ns_moments_f32(const float *x, int64_t n, int64_t c, int64_t hw, double *acc
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int64_t t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        int64_t lo, hi, t = my_rows(rows, &lo, &hi);
         double *ps = part + t * 2 * c;
-        if (sum_rows(x, rows * t / nt, rows * (t + 1) / nt, c, hw, k, ps, ps + c)) {
+        if (sum_rows(x, lo, hi, c, hw, k, ps, ps + c)) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -244,28 +257,16 @@ int ns_normalize_f32(float *x, int64_t n, int64_t c, int64_t hw, const float *me
         shift[ch] = (bias ? bias[ch] : 0.0f) - mean[ch] * scale[ch];
     }
     int64_t rows = n * c;
-    if (threads < 1 || rows * hw < MIN_PARALLEL) threads = 1;
-    if (threads > rows) threads = (int)rows;
+    threads = team_size(rows, hw, threads);
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int64_t t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
-        int64_t lo = rows * t / nt, hi = rows * (t + 1) / nt, ch = lo % c;
-        if (hw == 1) { /* (n, c): one value per row */
-            for (int64_t r = lo; r < hi; r++) {
-                x[r] = x[r] * scale[ch] + shift[ch];
-                if (++ch == c) ch = 0;
-            }
-        } else {
-            for (int64_t r = lo; r < hi; r++) {
-                float *row = x + r * hw;
-                const float a = scale[ch], b = shift[ch];
-                for (int64_t j = 0; j < hw; j++) row[j] = row[j] * a + b;
-                if (++ch == c) ch = 0;
-            }
+        int64_t lo, hi;
+        my_rows(rows, &lo, &hi);
+        for (int64_t r = lo, ch = lo % c; r < hi; r++) {
+            float *row = x + r * hw;
+            const float a = scale[ch], b = shift[ch];
+            for (int64_t j = 0; j < hw; j++) row[j] = row[j] * a + b;
+            if (++ch == c) ch = 0;
         }
     }
     free(scale);

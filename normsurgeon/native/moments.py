@@ -8,7 +8,6 @@ same library: a BN's eval-mode normalization written over its input (False when 
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 from typing import Callable, NamedTuple
@@ -16,6 +15,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from normsurgeon.native import build
+from normsurgeon.switch import OffSwitch
 
 ABI = 6
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -44,7 +44,8 @@ def _bind(lib: ctypes.CDLL | None) -> _Lib | None:
     return _Lib(sums, normalize)
 
 
-_off = 0
+# ``with torch_only():`` the C kernel is not used: benchmarks and tests compare the two paths
+torch_only = OffSwitch()
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,7 +54,7 @@ def _bound() -> _Lib | None:
 
 
 def _lib() -> _Lib | None:
-    return None if _off else _bound()
+    return None if torch_only else _bound()
 
 
 def kernel():
@@ -65,20 +66,9 @@ def kernel():
 def why_not() -> str:
     if kernel() is not None:
         return ""
-    if _off:
+    if torch_only:
         return "turned off in this process (normsurgeon.native.moments.torch_only)"
     return build.reason("moments") or f"moments.c does not match its binding (ABI version {ABI} expected)"
-
-
-@contextlib.contextmanager
-def torch_only():
-    """Within this block the C kernel is not used: benchmarks and tests compare the two paths."""
-    global _off
-    _off += 1
-    try:
-        yield
-    finally:
-        _off -= 1
 
 
 def cpu_vector(t: torch.Tensor | None, dtype: torch.dtype, c: int) -> bool:
