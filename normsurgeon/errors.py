@@ -1,6 +1,16 @@
-"""Errors a user can cause. Each carries one line that says what went wrong and what to do.
+"""Errors a user can cause, and the exit codes of the command line.
 
-The CLI prints ``error: <message>`` for these, without a traceback, and exits with ``exit_code``.
+Each error carries one line that says what went wrong and what to do. The CLI prints
+``error: <message>`` for these, without a traceback, and exits with the class's ``exit_code``:
+
+====  ==================================================================================
+0     ok
+2     the user's input: a bad flag, file, data, model spec or manifest
+3     verification failed (a rewrite or an export changed the function beyond its limit)
+4     the environment: a read-only folder, a full disk, out of memory
+1     a bug in normsurgeon: printed as "internal error: ... please report it"
+====  ==================================================================================
+
 Anything else escaping a verb is a bug in normsurgeon.
 """
 from __future__ import annotations
@@ -21,6 +31,14 @@ class NormSurgeonError(Exception):
 
 class ModelSpecError(NormSurgeonError):
     """The MODEL argument names nothing loadable (bad path, unknown zoo name, bad factory)."""
+
+
+class ManifestError(ModelSpecError):
+    """A model file's manifest is malformed or records something normsurgeon will not replay."""
+
+
+class UntrustedCodeError(ModelSpecError):
+    """A model file names code to import (a ``module:callable`` source); the user did not opt in."""
 
 
 class UntrustedPickleError(NormSurgeonError):
@@ -55,3 +73,12 @@ class VerificationError(NormSurgeonError):
 
 class DependencyError(NormSurgeonError):
     """An optional dependency (onnxruntime, CUDA, timm, ...) is missing."""
+
+
+class EnvironmentProblem(NormSurgeonError):
+    """The machine, not the input: a read-only folder, a full disk, not enough memory."""
+
+    exit_code = 4
+
+
+EXIT_CODES = {"ok": 0, "internal": 1, "input": 2, "verification": 3, "environment": 4}

@@ -4,41 +4,54 @@ MODEL specs, the same for every verb:
 
 - ``torchvision:NAME``            torchvision classification/segmentation/detection builder, random init
 - ``timm:NAME``                   timm model, ``pretrained=False`` (never downloads)
+- ``normsurgeon:NAME``            a model bundled with normsurgeon (``normsurgeon:digits_cnn``)
 - ``package.module:callable``     a factory importable from the current directory or PYTHONPATH
 - ``PATH`` to a file written by normsurgeon (``.pt`` manifest or ``.safetensors``): rebuilt from its
-  source spec plus the recorded surgery, tensors loaded weights-only
+  source spec plus the recorded surgery (:mod:`normsurgeon.manifest`), tensors loaded weights-only.
+  A file whose source is a ``package.module:callable`` factory is refused unless ``trust_code=True``:
+  a file is data, and only the user's command line may ask for code to be imported.
 - ``PATH`` to a ``torch.save(model)`` pickle: refused unless ``trust_pickle=True`` (it runs code)
 
 ``weights=FILE`` loads a state_dict (.pt/.pth weights-only, or .safetensors) into the built model.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
+import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from normsurgeon import provenance
 from normsurgeon.errors import (
     DependencyError,
+    ManifestError,
     ModelSpecError,
-    OutputExistsError,
+    UntrustedCodeError,
     UntrustedPickleError,
     first_line,
 )
+from normsurgeon.manifest import FORMAT_VERSION, validate
+from normsurgeon.publish import check_output, publish
 
 FORMAT_KEY = "normsurgeon_format"
-FORMAT_VERSION = 1
 META_KEY = "normsurgeon_manifest"  # safetensors metadata key holding the JSON manifest
+ZOOS = ("torchvision", "timm", "normsurgeon")  # sources a file may name freely: registry names only
+BUNDLED = {"digits_cnn": ("normsurgeon.calibrate.digits_cnn", "digits_cnn")}  # normsurgeon:NAME models
+_ZOO_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
 # ----------------------------------------------------------------------------------------- loading
 
-def load_model(spec: str, weights: str | os.PathLike | None = None, trust_pickle: bool = False):
-    """Build or load the model named by ``spec`` (see module docstring); eval mode, on CPU."""
+def load_model(spec: str, weights: str | os.PathLike | None = None, trust_pickle: bool = False,
+               trust_code: bool = False):
+    """Build or load the model named by ``spec`` (see module docstring); eval mode, on CPU.
+
+    ``trust_pickle``: allow unpickling a full-module file (runs code stored in it). ``trust_code``:
+    allow a normsurgeon file whose source is a ``package.module:callable`` factory to import it."""
     if not spec or not str(spec).strip():
         raise ModelSpecError("no MODEL given: pass a file path or a spec like torchvision:resnet18")
     spec = str(spec).strip()
@@ -46,7 +59,7 @@ def load_model(spec: str, weights: str | os.PathLike | None = None, trust_pickle
     if path.exists():
         if path.is_dir():
             raise ModelSpecError(f"{spec} is a directory; pass a model file or a spec like timm:resnet50")
-        model = _load_file(path, trust_pickle)
+        model = _load_file(path, trust_pickle, trust_code)
     elif _looks_like_path(spec):
         raise ModelSpecError(f"model file not found: {spec}")
     else:
@@ -63,13 +76,21 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def build_from_spec(spec: str):
-    """A freshly initialised model from a zoo or factory spec (no file involved)."""
+    """A freshly initialised model from a spec the user gave (no file involved)."""
     kind, sep, name = spec.partition(":")
     if not sep or not name:
         raise ModelSpecError(
             f"cannot read MODEL {spec!r}: use a file path, torchvision:NAME, timm:NAME or package.module:callable"
         )
-    if kind == "torchvision":
+    if kind in ZOOS and not _ZOO_NAME.fullmatch(name):
+        raise ModelSpecError(f"bad {kind} model name {name!r}: use a registry name like resnet50 "
+                             "(normsurgeon never downloads models or configs)")
+    if kind == "normsurgeon":
+        if name not in BUNDLED:
+            raise ModelSpecError(f"unknown bundled model normsurgeon:{name}; bundled: "
+                                 + ", ".join(f"normsurgeon:{n}" for n in BUNDLED))
+        model = getattr(importlib.import_module(BUNDLED[name][0]), BUNDLED[name][1])()
+    elif kind == "torchvision":
         model = _torchvision(name)
     elif kind == "timm":
         model = _timm(name)
@@ -112,18 +133,33 @@ def _timm(name: str):
         raise
 
 
+@contextlib.contextmanager
+def cwd_importable():
+    """The current directory on ``sys.path`` for the duration (only for code the user asked for)."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def _factory(module_name: str, attr: str):
     spec = f"{module_name}:{attr}"
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
     try:
-        module = importlib.import_module(module_name)
+        with cwd_importable():
+            module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         raise ModelSpecError(
             f"cannot import {module_name!r} for MODEL {spec} ({e}); "
             "run from the directory holding it or add it to PYTHONPATH"
         ) from None
-    except Exception as e:  # noqa: BLE001 - the user's module failed while importing
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the user's module failed (or exited) while importing
         raise ModelSpecError(f"importing {module_name} for MODEL {spec} failed: "
                              f"{type(e).__name__}: {first_line(e)}; fix the module") from None
     fn = getattr(module, attr, None)
@@ -131,7 +167,9 @@ def _factory(module_name: str, attr: str):
         raise ModelSpecError(f"{module_name} has no callable {attr!r} to build the model")
     try:
         model = fn()
-    except Exception as e:  # noqa: BLE001 - the user's factory failed (or needs arguments)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the user's factory failed, needs arguments, or exited
         raise ModelSpecError(f"calling {spec}() failed: {type(e).__name__}: {first_line(e)}; "
                              "the spec must name a callable that builds the model with no arguments") from None
     import torch
@@ -142,7 +180,7 @@ def _factory(module_name: str, attr: str):
     return model
 
 
-def _load_file(path: Path, trust_pickle: bool):
+def _load_file(path: Path, trust_pickle: bool, trust_code: bool = False):
     if path.suffix == ".safetensors":
         tensors, meta = _read_safetensors(path)
         if META_KEY not in meta:
@@ -150,15 +188,23 @@ def _load_file(path: Path, trust_pickle: bool):
                 f"{path} holds bare tensors, not a model: give the architecture as MODEL "
                 f"(e.g. torchvision:resnet50) and pass this file with --weights"
             )
-        return _rebuild(json.loads(meta[META_KEY]), tensors, path)
+        try:
+            raw = json.loads(meta[META_KEY])
+        except ValueError:
+            raise ManifestError(f"{path}: malformed manifest (not JSON); the file is damaged or was not "
+                                "written by normsurgeon") from None
+        return _rebuild(raw, tensors, path, trust_code)
     obj = _torch_load(path, weights_only=True, trust_pickle=trust_pickle)
     import torch
 
     if isinstance(obj, torch.nn.Module):  # only reachable through trust_pickle
         provenance.set_source(obj, None) if provenance.get(obj) is None else None
         return obj
-    if isinstance(obj, dict) and obj.get(FORMAT_KEY):
-        return _rebuild(obj["manifest"], obj["state_dict"], path)
+    if isinstance(obj, dict) and FORMAT_KEY in obj:
+        if set(obj) != {FORMAT_KEY, "manifest", "state_dict"} or not isinstance(obj[FORMAT_KEY], int):
+            raise ManifestError(f"{path}: malformed normsurgeon file (expected keys {FORMAT_KEY}, manifest, "
+                                "state_dict); the file is damaged or was not written by normsurgeon")
+        return _rebuild(obj["manifest"], obj["state_dict"], path, trust_code)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelSpecError(
             f"{path} is a state_dict, not a model: give the architecture as MODEL "
@@ -184,10 +230,17 @@ def _torch_load(path: Path, weights_only: bool, trust_pickle: bool = False):
             ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         raise ModelSpecError(f"cannot read {path}: the file is corrupt or not a torch file ({first_line(e)})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - arbitrary code ran; report it as a load failure
-        raise ModelSpecError(f"unpickling {path} failed: {first_line(e)}") from None
+    try:  # the user trusts the file: its classes may live next to it, as they did when it was saved
+        with cwd_importable():
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as e:
+        raise ModelSpecError(
+            f"unpickling {path} needs module {e.name!r}, which is not importable from here: run from the "
+            f"folder holding {e.name}.py (or its package), or add that folder to PYTHONPATH") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - arbitrary code ran; report it as a load failure
+        raise ModelSpecError(f"unpickling {path} failed: {type(e).__name__}: {first_line(e)}") from None
 
 
 def _mismatch_line(e: BaseException) -> str:
@@ -207,16 +260,27 @@ def _read_safetensors(path: Path):
     return tensors, meta
 
 
-def _rebuild(manifest: dict, state_dict: dict, path: Path):
-    from normsurgeon.replay import replay
+def _rebuild(raw: Any, state_dict: Any, path: Path, trust_code: bool):
+    """Rebuild a model from a file's manifest: validated first, source checked for trust, structural
+    steps replayed, tensors loaded weights-only."""
+    import torch
 
-    source = manifest.get("source")
-    if not source:
-        raise ModelSpecError(f"{path} has no source spec to rebuild from")
-    model = build_from_spec(source)
-    model = replay(model, manifest.get("steps", []))
+    from normsurgeon.manifest import replay
+
+    manifest = validate(raw, str(path))
+    if not isinstance(state_dict, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
+        raise ManifestError(f"{path}: malformed normsurgeon file (its state_dict is not a mapping of names to "
+                            "tensors); the file is damaged or was not written by normsurgeon")
+    kind = manifest.source.partition(":")[0]
+    if kind not in ZOOS and not trust_code:
+        raise UntrustedCodeError(
+            f"{path} is built by the factory {manifest.source}, code normsurgeon would import and run; "
+            "if you trust the file and that code, pass --trust-code (API: trust_code=True)")
+    model = build_from_spec(manifest.source)
+    model = replay(model, manifest)
     _load_state(model, state_dict, str(path))
-    setattr(model, provenance.ATTR, json.loads(json.dumps(manifest)))  # keep value-only steps too
+    provenance.restore(model, manifest)
     return model
 
 
@@ -257,72 +321,29 @@ def _load_state(model, state: dict, where: str) -> None:
 
 # ------------------------------------------------------------------------------------------ saving
 
-OUTPUT_KINDS = ("model", "onnx")
-
-
-def check_output(path: str | os.PathLike, force: bool = False, kind: str = "model") -> Path:
-    """Fail early (before any work) if ``path`` exists without ``force``, its folder is missing, or its
-    extension does not fit ``kind``: "model" (a PyTorch model, anything but .onnx) or "onnx"."""
-    if kind not in OUTPUT_KINDS:
-        raise ValueError(f"kind must be one of {OUTPUT_KINDS}, not {kind!r}")
-    out = Path(path)
-    is_onnx = out.suffix.lower() == ".onnx"
-    if kind == "model" and is_onnx:
-        raise OutputExistsError(f"cannot write {out.name}: this command writes a PyTorch model, so name the "
-                                "output .pt or .safetensors; use `normsurgeon export` for ONNX")
-    if kind == "onnx" and not is_onnx:
-        raise OutputExistsError(f"cannot write {out.name}: export writes ONNX, so name the output .onnx "
-                                "(convert, fold, equalize and recalibrate write PyTorch models)")
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
-    if out.exists() and out.is_dir():
-        raise OutputExistsError(f"{out} is a directory; give a file name")
-    if not out.parent.exists():
-        raise OutputExistsError(f"folder {out.parent} does not exist; create it first")
-    return out
-
-
 def save_model(model, path: str | os.PathLike, force: bool = False) -> Path:
     """Write ``model`` atomically: a manifest (rebuildable, weights-only) when its source is a spec,
     else a full pickle (which needs ``trust_pickle`` to load back). ``.safetensors`` paths get a
-    safetensors file with the manifest in its metadata (spec-sourced models only)."""
+    safetensors file with the manifest in its metadata (spec-sourced models only). An output that
+    appears while this runs is not replaced unless ``force`` (:func:`normsurgeon.publish.publish`)."""
     out = check_output(path, force)
-    p = provenance.get(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    manifest = provenance.manifest(model)
     if out.suffix == ".safetensors":
-        if not provenance.rebuildable(model):
+        if manifest is None:
             raise ModelSpecError(
                 "this model was not built from a spec, so safetensors cannot describe it; save to .pt instead"
             )
         from safetensors.torch import save_file
 
         state = {k: v.clone() for k, v in state.items()}  # safetensors refuses shared storage
-        _atomic(out, lambda tmp: save_file(state, tmp, metadata={META_KEY: json.dumps(p)}))
+        publish(out, lambda tmp: save_file(state, tmp, metadata={META_KEY: json.dumps(manifest)}), force)
         return out
     import torch
 
-    if provenance.rebuildable(model):
-        payload = {FORMAT_KEY: FORMAT_VERSION, "manifest": p, "state_dict": state}
-        _atomic(out, lambda tmp: torch.save(payload, tmp))
+    if manifest is not None:
+        payload = {FORMAT_KEY: FORMAT_VERSION, "manifest": manifest, "state_dict": state}
+        publish(out, lambda tmp: torch.save(payload, tmp), force)
     else:
-        _atomic(out, lambda tmp: torch.save(model, tmp))
+        publish(out, lambda tmp: torch.save(model, tmp), force)
     return out
-
-
-def _atomic(out: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what a plain open() would
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it; set straight back
-    os.umask(mask)
-    return mask

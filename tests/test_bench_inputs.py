@@ -13,7 +13,7 @@ from normsurgeon.deploy import ort
 from normsurgeon.errors import DataError, ModelSpecError
 from tests.util import assert_one_error_line, run_cli
 
-DIGITS = "normsurgeon.calibrate.digits_cnn:digits_cnn"  # 1 channel in, adaptive pool: any H,W
+DIGITS = "normsurgeon:digits_cnn"  # 1 channel in, adaptive pool: any H,W
 FAST = ["--provider", "cpu", "--batch-size", "1", "--runs", "2", "--warmup", "0"]
 
 

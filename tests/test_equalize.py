@@ -91,7 +91,7 @@ def test_cli_equalize(tmp_path):
 @pytest.mark.parametrize("value", ["inf", "nan", "-1"])
 def test_cli_rejects_non_finite_or_non_positive_c(tmp_path, value):
     out = tmp_path / "eq.pt"
-    r = run_cli("equalize", "normsurgeon.calibrate.digits_cnn:digits_cnn", "--c", value, "-o", str(out))
+    r = run_cli("equalize", "normsurgeon:digits_cnn", "--c", value, "-o", str(out))
     assert_one_error_line(r, "--c")
     assert not out.exists()
 

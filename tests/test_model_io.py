@@ -202,5 +202,9 @@ def test_save_is_atomic_and_respects_force(tmp_path):
     finally:
         torch.save = orig
     assert sorted(x.name for x in tmp_path.iterdir()) == ["m.pt"]  # no partial or temp file left
-    with pytest.raises(OutputExistsError, match="does not exist"):
-        normsurgeon.save_model(m, tmp_path / "nodir" / "x.pt")
+    # a missing output folder (and its parents) is created
+    out = normsurgeon.save_model(m, tmp_path / "nodir" / "deeper" / "x.pt")
+    assert out.is_file() and sorted(x.name for x in out.parent.iterdir()) == ["x.pt"]
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(OutputExistsError, match="is a file, not a folder"):
+        normsurgeon.save_model(m, tmp_path / "afile" / "x.pt")

@@ -11,7 +11,7 @@ import normsurgeon
 from normsurgeon.errors import OutputExistsError
 from tests.util import ROOT, assert_one_error_line, run_cli
 
-DIGITS = "normsurgeon.calibrate.digits_cnn:digits_cnn"
+DIGITS = "normsurgeon:digits_cnn"
 
 
 

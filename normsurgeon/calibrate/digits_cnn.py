@@ -1,6 +1,6 @@
 """The acceptance model for recalibration: a 3-conv BN CNN on scikit-learn's digits (16x16, 1 channel).
 
-``digits_cnn()`` builds it (MODEL spec ``normsurgeon.calibrate.digits_cnn:digits_cnn``);
+``digits_cnn()`` builds it (MODEL spec ``normsurgeon:digits_cnn``);
 ``train_digits_cnn(seed)`` trains it briefly on ``digits:train`` (about 5 epochs of SGD, 1-3 s on
 one CPU core) and returns it in eval mode, with that spec as its provenance source so
 ``save_model`` writes a rebuildable, weights-only file. Training is deterministic for a seed and
@@ -29,7 +29,7 @@ from torch import nn
 
 from normsurgeon import provenance
 
-SPEC = "normsurgeon.calibrate.digits_cnn:digits_cnn"
+SPEC = "normsurgeon:digits_cnn"
 WIDTHS = (16, 32, 64)
 FIRST_KERNEL = 5
 STEPS = 225

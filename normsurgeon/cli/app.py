@@ -49,25 +49,32 @@ for _name in COMMANDS:
     _mod.register(app)
 
 
-def main() -> None:
-    """Run the app; a command-line usage mistake is one ``error:`` line (exit 2), like every other."""
-    import sys
-
+def run(argv: list[str] | None = None) -> int:
+    """Run the app on ``argv`` (default: ``sys.argv[1:]``) and return the exit code; a command-line
+    usage mistake is one ``error:`` line (exit 2), like every other."""
     try:  # typer >= 0.20 vendors click
         from typer._click.exceptions import NoArgsIsHelpError, UsageError
     except ImportError:  # pragma: no cover - older typer on plain click
         from click.exceptions import NoArgsIsHelpError, UsageError
 
     try:
-        code = app(standalone_mode=False)
+        code = app(args=argv, prog_name="normsurgeon", standalone_mode=False)
     except NoArgsIsHelpError as e:  # bare ``normsurgeon`` or a verb with no arguments
         typer.echo(e.ctx.get_help())
-        sys.exit(0)
+        return 0
     except UsageError as e:
         where = e.ctx.command_path if e.ctx is not None else "normsurgeon"
         typer.echo(f"error: {e.format_message()} (see '{where} --help')", err=True)
-        sys.exit(2)
+        return 2
+    except typer.Exit as e:
+        return e.exit_code
     except typer.Abort:
         typer.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+        return 130
+    return code if isinstance(code, int) else 0
+
+
+def main() -> None:
+    import sys
+
+    sys.exit(run())

@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         compare: Optional[str] = typer.Option(None, "--compare", help="A second MODEL (or .onnx) timed interleaved with the first; prints ratios."),
         weights: Optional[str] = common.weights_opt(),
         trust_pickle: bool = common.trust_opt(),
+        trust_code: bool = common.trust_code_opt(),
         input_shape: Optional[str] = common.input_shape_opt(),
         runs: int = typer.Option(50, "--runs", help="Timed runs per row."),
         warmup: int = typer.Option(10, "--warmup", help="Untimed warm-up runs per row."),
@@ -48,10 +49,10 @@ def register(app: typer.Typer) -> None:
         check_settings(runs=runs, warmup=warmup, threads=threads)  # before loading anything
         ort.choose(provider)  # fail before loading anything when the provider is missing
         shape = parse_shape(input_shape)
-        a = model if model.endswith(".onnx") else common.load(model, weights, trust_pickle)
+        a = model if model.endswith(".onnx") else common.load(model, weights, trust_pickle, trust_code)
         b = None
         if compare:
-            b = compare if compare.endswith(".onnx") else common.load(compare, None, trust_pickle)
+            b = compare if compare.endswith(".onnx") else common.load(compare, None, trust_pickle, trust_code)
         with common.status("benchmarking"):
             rep = bench(a, provider=provider, batch_sizes=batches, fp16=fp16, compare=b, input_shape=shape,
                         runs=runs, warmup=warmup, threads=threads, torch_eager=not no_torch,

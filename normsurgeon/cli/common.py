@@ -30,6 +30,11 @@ def trust_opt() -> Any:
                         "code from the file: only for files you trust.")
 
 
+def trust_code_opt() -> Any:
+    return typer.Option(False, "--trust-code", help="Allow a normsurgeon model file whose source is a "
+                        "package.module:callable factory to import and run that code: only for files you trust.")
+
+
 def input_shape_opt() -> Any:
     return typer.Option(None, "--input-shape", help="Probe input shape N,C,H,W (default: the model's own or a guess).")
 
@@ -49,34 +54,47 @@ def json_opt() -> Any:
 
 # ----------------------------------------------------------------------------- error handling
 def handle_errors(fn: Callable) -> Callable:
-    """Run a command; a NormSurgeonError becomes one ``error:`` line and a non-zero exit."""
+    """Run a command and map what escapes it to one ``error:`` line and the exit-code table in
+    :mod:`normsurgeon.errors`: the user's input 2, verification 3, the environment 4, our bug 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from normsurgeon.errors import NormSurgeonError
+        from normsurgeon.errors import NormSurgeonError, first_line
 
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
-        except NormSurgeonError as e:
-            if STATE["debug"]:
-                raise
-            err_console().print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err_console().print("[bold red]interrupted[/]: nothing was written")
             raise typer.Exit(130) from None
-        except Exception as e:  # noqa: BLE001 - a bug: say so in one line unless --debug
+        except BaseException as e:  # noqa: BLE001 - every failure gets its line and code
             if STATE["debug"]:
                 raise
-            first = (str(e).strip().splitlines() or [""])[0][:300]
+            if not isinstance(e, NormSurgeonError):
+                e = environment_problem(e) or e
+            if isinstance(e, NormSurgeonError):
+                err_console().print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+                raise typer.Exit(e.exit_code) from None
             err_console().print(
-                f"[bold red]error:[/] internal error ({type(e).__name__}: {escape(first)}); "
-                "rerun with --debug for the traceback and report it", soft_wrap=True)
+                f"[bold red]error:[/] internal error: {type(e).__name__}: {escape(first_line(e, 300))}; "
+                "please report it (rerun with --debug for the traceback)", soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def environment_problem(e: BaseException):
+    """An EnvironmentProblem for failures the machine caused (out of memory, a refused or full disk)."""
+    from normsurgeon.errors import EnvironmentProblem, first_line
+    from normsurgeon.publish import environment_error
+
+    if isinstance(e, MemoryError) or "out of memory" in str(e).lower() or "can't allocate memory" in str(e):
+        return EnvironmentProblem(f"out of memory ({first_line(e, 120)}): use a smaller --input-shape, "
+                                  "--batch-size or model, or a machine with more memory")
+    if isinstance(e, OSError):
+        return environment_error(e, e.filename or "the output")
+    return None
 
 
 def escape(text: str) -> str:
@@ -103,11 +121,11 @@ def status(message: str):
     return err_console().status(message, spinner="dots")
 
 
-def load(spec: str, weights: str | None, trust_pickle: bool):
+def load(spec: str, weights: str | None, trust_pickle: bool, trust_code: bool = False):
     from normsurgeon.model_io import load_model
 
     with status(f"loading {spec}"):
-        return load_model(spec, weights=weights, trust_pickle=trust_pickle)
+        return load_model(spec, weights=weights, trust_pickle=trust_pickle, trust_code=trust_code)
 
 
 def print_json(obj: Any) -> None:

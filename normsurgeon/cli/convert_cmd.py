@@ -24,6 +24,7 @@ def register(app: typer.Typer) -> None:
         output: str = common.output_opt(),
         weights: Optional[str] = common.weights_opt(),
         trust_pickle: bool = common.trust_opt(),
+        trust_code: bool = common.trust_code_opt(),
         input_shape: Optional[str] = common.input_shape_opt(),
         keep: List[str] = typer.Option([], "--keep", help="Leave BN layers matching this glob alone (repeatable)."),
         layer: List[str] = typer.Option([], "--layer", help="Per-layer recipe, PATTERN=RECIPE, e.g. 'fc.*=ln' (repeatable)."),
@@ -56,7 +57,7 @@ def register(app: typer.Typer) -> None:
         check_init(init)
         shape = parse_shape(input_shape)  # bad shapes fail before the model is built
         check_output(output, force)
-        m = common.load(model, weights, trust_pickle)
+        m = common.load(model, weights, trust_pickle, trust_code)
         opts = {"ws_form": ws_form} if ws_form != "var" else {}
         with common.status(f"converting to {recipe}"):
             result = convert(m, to, input_shape=shape, keep=tuple(keep),

@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
         output: str = common.output_opt(),
         weights: Optional[str] = common.weights_opt(),
         trust_pickle: bool = common.trust_opt(),
+        trust_code: bool = common.trust_code_opt(),
         input_shape: Optional[str] = common.input_shape_opt(),
         iters: int = typer.Option(10, "--iters", min=0, help="Sinkhorn sweeps over all layer pairs."),
         c: float = typer.Option(1.0, "--c", help="ENorm asymmetry: 1 minimizes the plain L2 norm of the weights (the reference trained with 1.1 for conv nets)."),
@@ -29,7 +30,7 @@ def register(app: typer.Typer) -> None:
         from normsurgeon.passes.equalize import equalize
 
         check_output(output, force)
-        m = common.load(model, weights, trust_pickle)
+        m = common.load(model, weights, trust_pickle, trust_code)
         with common.status("equalizing"):
             result = equalize(m, iters=iters, c=c, verify=verify, input_shape=parse_shape(input_shape))
         path = save_model(result.model, output, force=force)

@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
         std: Optional[str] = typer.Option(None, "--std", help="Image folders: per-channel std (default ImageNet's)."),
         weights: Optional[str] = common.weights_opt(),
         trust_pickle: bool = common.trust_opt(),
+        trust_code: bool = common.trust_code_opt(),
         as_json: bool = common.json_opt(),
     ) -> None:
         """Top-1 accuracy and cross-entropy loss on labelled data."""
@@ -36,7 +37,7 @@ def register(app: typer.Typer) -> None:
         parse_noise(noise)
         mean_t, std_t = floats(mean, "--mean"), floats(std, "--std")
         with distributed.process_group() as (rank, world):
-            m = common.load(model, weights, trust_pickle)
+            m = common.load(model, weights, trust_pickle, trust_code)
             dataset = load_data(data, image_size=image_size, mean=mean_t, std=std_t)
             total = len(dataset) if samples is None else min(samples, len(dataset))
             bar, advance = progress_bar(-(-total // world), "evaluating")

@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
         output: str = common.output_opt(),
         weights: Optional[str] = common.weights_opt(),
         trust_pickle: bool = common.trust_opt(),
+        trust_code: bool = common.trust_code_opt(),
         input_shape: Optional[str] = common.input_shape_opt(),
         opset: int = typer.Option(20, "--opset", help="ONNX opset (20 keeps GroupNorm on ORT's native InstanceNorm path; below 18 uses the TorchScript exporter)."),
         dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Make the batch dimension dynamic."),
@@ -37,7 +38,7 @@ def register(app: typer.Typer) -> None:
         check_output(output, force, kind="onnx")
         check_options(opset, exporter, channel_affine)  # bad options fail before the model is loaded
         shape = parse_shape(input_shape)
-        m = common.load(model, weights, trust_pickle)
+        m = common.load(model, weights, trust_pickle, trust_code)
         with common.status("exporting"):
             rep = export_onnx(m, output, input_shape=shape, opset=opset,
                               dynamic_batch=dynamic_batch, fp16=fp16, fold=not no_fold, verify=verify,

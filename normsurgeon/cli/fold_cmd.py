@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
         output: str = common.output_opt(),
         weights: Optional[str] = common.weights_opt(),
         trust_pickle: bool = common.trust_opt(),
+        trust_code: bool = common.trust_code_opt(),
         input_shape: Optional[str] = common.input_shape_opt(),
         keep: List[str] = typer.Option([], "--keep", help="Leave layers matching this glob alone (repeatable)."),
         verify: bool = typer.Option(False, "--verify", help="Fail (nothing written) if outputs move by more than 1e-5 relative."),
@@ -29,7 +30,7 @@ def register(app: typer.Typer) -> None:
         from normsurgeon.passes.fold import fold
 
         check_output(output, force)
-        m = common.load(model, weights, trust_pickle)
+        m = common.load(model, weights, trust_pickle, trust_code)
         with common.status("folding"):
             result = fold(m, input_shape=parse_shape(input_shape), keep=tuple(keep), verify=verify)
         path = save_model(result.model, output, force=force)

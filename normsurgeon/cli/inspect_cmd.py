@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
         to: str = typer.Option("gn+ws", "--to", help="Recipe whose effect the 'convert' column shows."),
         weights: Optional[str] = common.weights_opt(),
         trust_pickle: bool = common.trust_opt(),
+        trust_code: bool = common.trust_code_opt(),
         input_shape: Optional[str] = common.input_shape_opt(),
         as_json: bool = common.json_opt(),
     ) -> None:
@@ -27,7 +28,7 @@ def register(app: typer.Typer) -> None:
 
         parse_recipe(to)
         shape = parse_shape(input_shape)  # bad shapes fail before the model is built
-        m = common.load(model, weights, trust_pickle)
+        m = common.load(model, weights, trust_pickle, trust_code)
         with common.status("inspecting"):
             rep = inspect(m, to=to, input_shape=shape)
         if as_json:

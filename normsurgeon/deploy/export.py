@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import io
 import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -98,7 +97,7 @@ def export_onnx(
 
     from normsurgeon.deploy import onnx_opt
     from normsurgeon.graph.probe import default_input_shape, probe_input
-    from normsurgeon.model_io import check_output
+    from normsurgeon.publish import check_output, move_into_place, temp_path
 
     t_start = time.perf_counter()
     out = check_output(path, force, kind="onnx")
@@ -150,8 +149,7 @@ def export_onnx(
         raise ExportError(f"the {used} export came out at opset {written}, not the requested {opset}; "
                           f"nothing written: ask for --opset {written} or try another --exporter")
 
-    tmpdir = Path(tempfile.mkdtemp(prefix=".ns-export-", dir=out.parent))
-    try:
+    with temp_path(out, folder=True) as tmpdir:
         tmp = tmpdir / out.name
         size = sum(len(t.raw_data) for t in proto.graph.initializer)
         ext = external_data if external_data is not None else size > EXTERNAL_DATA_BYTES
@@ -173,11 +171,15 @@ def export_onnx(
                     f"(max abs {v['max_abs_error']:.2e}, limit {v['tolerance']:.0e}); nothing written")
         data = tmp.with_name(tmp.name + ".data")
         if data.exists():
-            os.replace(data, out.with_name(out.name + ".data"))
-            report.data_path = str(out.with_name(out.name + ".data"))
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+            out_data = out.with_name(out.name + ".data")
+            move_into_place(data, out_data, force)
+            report.data_path = str(out_data)
+        try:
+            move_into_place(tmp, out, force)
+        except BaseException:
+            if report.data_path:
+                Path(report.data_path).unlink()
+            raise
     report.bytes = out.stat().st_size + (Path(report.data_path).stat().st_size if report.data_path else 0)
     seconds["total"] = time.perf_counter() - t_start
     report.seconds = {k: round(v, 3) for k, v in seconds.items()}

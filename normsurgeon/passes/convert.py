@@ -34,6 +34,7 @@ from normsurgeon.graph.verify import batch_independence_error, compare
 from normsurgeon.layers.norm_act import NormAct, bn_extras
 from normsurgeon.passes import train_options
 from normsurgeon.recipes import BuildContext, Recipe, get_entry, parse_recipe
+from normsurgeon.recipes.registry import check_options
 from normsurgeon.report import Change, SurgeryResult
 
 FROZEN_TOLERANCE = 1e-5
@@ -63,6 +64,7 @@ def convert(
     recipe = to if isinstance(to, Recipe) else parse_recipe(to, **options)
     train_options.check_init(init)
     overrides = {pat: parse_recipe(r, **options) for pat, r in (layers or {}).items()}
+    check_options(options, [recipe, *overrides.values()])
     shape = tuple(input_shape) if input_shape else None
     x = probe_input(model, shape)
     shape = tuple(x.shape)

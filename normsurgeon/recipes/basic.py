@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from normsurgeon.recipes.groups import choose_groups, spatial_size
-from normsurgeon.recipes.registry import BuildContext, RecipeEntry, Replacement, register
+from normsurgeon.recipes.registry import WS_OPTIONS, BuildContext, RecipeEntry, Replacement, register
 
 
 def positive_int(value: int) -> str | None:
@@ -94,7 +94,8 @@ register(RecipeEntry(
     _in, folds="no"))
 register(RecipeEntry(
     "gn+ws", "GroupNorm(G) + weight standardization of the producing conv (Qiao et al.)",
-    _gn_ws, arg_name="groups", arg_type=int, default=32, check_arg=positive_int, folds="partial"))
+    _gn_ws, arg_name="groups", arg_type=int, default=32, check_arg=positive_int, folds="partial",
+    options=WS_OPTIONS))
 register(RecipeEntry(
     "frozen", "BN's eval-mode affine with fixed buffers: exactly function-preserving",
     _frozen, folds="yes"))

@@ -56,6 +56,42 @@ class Replacement:
 
 
 @dataclass(frozen=True)
+class RecipeOption:
+    """A keyword option a recipe reads (``Recipe.option``): its name, what it takes, and a check that
+    returns an error message or None."""
+
+    name: str
+    help: str
+    check: Callable[[Any], str | None]
+
+
+def _positive_number(v: Any) -> str | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and 0 < v < float("inf")
+    return None if ok else "must be a finite positive number"
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def _boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def _rate(v: Any) -> str | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+    return None if ok else "must be a number in (0, 1]"
+
+
+WS_OPTIONS = (RecipeOption("ws_form", "var = sqrt(var + eps), std = std + eps", _one_of("var", "std")),
+              RecipeOption("ws_eps", "weight standardization epsilon", _positive_number))
+PN_OPTIONS = (RecipeOption("pn_eps", "proxy normalization epsilon", _positive_number),
+              RecipeOption("pn_norm_eps", "epsilon of the norm before proxy normalization", _positive_number))
+BCN_OPTIONS = (RecipeOption("bcn_estimate", "use running estimates in the BN part", _boolean),
+               RecipeOption("bcn_rate", "update rate of the running estimates", _rate))
+
+
+@dataclass(frozen=True)
 class RecipeEntry:
     name: str
     summary: str  # one line, shown by --help and inspect
@@ -66,6 +102,7 @@ class RecipeEntry:
     batch_independent_train: bool = True  # claim checked by tests
     folds: str = "yes"  # yes | partial | no: what `fold` can remove at eval
     check_arg: Callable[[Any], str | None] | None = None  # returns an error message or None
+    options: tuple[RecipeOption, ...] = ()  # keyword options its builder reads
 
     def usage(self) -> str:
         return self.name if self.arg_name is None else f"{self.name}[:{self.arg_name.upper()}]"
@@ -105,9 +142,35 @@ def get_entry(name: str) -> RecipeEntry:
         ) from None
 
 
+def known_options() -> dict[str, RecipeOption]:
+    """Every keyword option any registered recipe reads, by name."""
+    return {o.name: o for e in all_recipes() for o in e.options}
+
+
+def check_options(options: dict[str, Any], recipes: list["Recipe"] | None = None) -> None:
+    """Raise RecipeError for an option no recipe knows, a bad value, or (given ``recipes``) an option
+    none of those recipes reads."""
+    known = known_options()
+    for key, value in options.items():
+        opt = known.get(key)
+        if opt is None:
+            raise RecipeError(f"unknown recipe option {key!r}; valid options: {', '.join(sorted(known))}")
+        problem = opt.check(value)
+        if problem:
+            raise RecipeError(f"bad recipe option {key}={value!r}: {problem}")
+        if recipes is not None and not any(key in {o.name for o in get_entry(r.name).options} for r in recipes):
+            users = [e.name for e in all_recipes() if key in {o.name for o in e.options}]
+            raise RecipeError(f"option {key!r} does not apply to recipe {', '.join(sorted({str(r) for r in recipes}))}; "
+                              f"it applies to {', '.join(users)}")
+
+
 def parse_recipe(text: str, **options: Any) -> Recipe:
-    """Parse ``NAME[:ARG]`` against the registry; raise RecipeError with the valid list otherwise."""
-    text = (text or "").strip().lower()
+    """Parse ``NAME[:ARG]`` against the registry; raise RecipeError with the valid list otherwise.
+    ``options`` must be known recipe options with valid values (:func:`check_options`)."""
+    if not isinstance(text, str):
+        raise RecipeError(f"a recipe is a string like gn+ws or gn:16, not {type(text).__name__}")
+    check_options(options)
+    text = text.strip().lower()
     name, sep, raw = text.partition(":")
     entry = get_entry(name)
     if not sep:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from normsurgeon.recipes.basic import copy_affine, group_norm_from_bn, like_bn, positive_int, ws_producer
 from normsurgeon.recipes.groups import choose_groups, spatial_size
-from normsurgeon.recipes.registry import BuildContext, RecipeEntry, Replacement, register
+from normsurgeon.recipes.registry import (
+    BCN_OPTIONS, PN_OPTIONS, WS_OPTIONS, BuildContext, RecipeEntry, Replacement, register,
+)
 
 PN_NORM_EPS = 1e-3  # Graphcore EfficientNet --norm-epsilon default
 PN_GROUPS = 4  # Graphcore --groups default (4 groups)
@@ -151,17 +153,19 @@ def _ebn(ctx: BuildContext) -> Replacement:
 
 register(RecipeEntry(
     "ln+pn", "LayerNorm + proxy normalization after the activation (Labatie et al.)",
-    _ln_pn, folds="partial"))
+    _ln_pn, folds="partial", options=PN_OPTIONS))
 register(RecipeEntry(
     "gn+pn", "GroupNorm(G, default 4) + proxy normalization after the activation",
-    _gn_pn, arg_name="groups", arg_type=int, default=PN_GROUPS, check_arg=positive_int, folds="partial"))
+    _gn_pn, arg_name="groups", arg_type=int, default=PN_GROUPS, check_arg=positive_int, folds="partial",
+    options=PN_OPTIONS))
 register(RecipeEntry(
     "gn+ws+pn", "GroupNorm(G, default 4) + weight standardization + proxy normalization",
-    _gn_ws_pn, arg_name="groups", arg_type=int, default=PN_GROUPS, check_arg=positive_int, folds="partial"))
+    _gn_ws_pn, arg_name="groups", arg_type=int, default=PN_GROUPS, check_arg=positive_int, folds="partial",
+    options=WS_OPTIONS + PN_OPTIONS))
 register(RecipeEntry(
     "bcn", "Batch-Channel Norm: BN (running-estimate EstBN path) then 32-group channel norm (Qiao et al.)",
     _bcn, arg_name="groups", arg_type=int, default=32, check_arg=positive_int,
-    batch_independent_train=False, folds="partial"))
+    batch_independent_train=False, folds="partial", options=BCN_OPTIONS))
 register(RecipeEntry(
     "bgn", "Batch Group Norm: batch statistics over G channel groups (Zhou et al.; G default 32, unverified)",
     _bgn, arg_name="groups", arg_type=int, default=BGN_GROUPS, check_arg=positive_int,
