@@ -70,7 +70,9 @@ def handle_errors(fn: Callable) -> Callable:
             raise typer.Exit(130) from None
         except BaseException as e:  # noqa: BLE001 - every failure gets its line and code
             if STATE["debug"]:
-                raise
+                import traceback
+
+                traceback.print_exc()
             if not isinstance(e, NormSurgeonError):
                 e = environment_problem(e) or e
             if isinstance(e, NormSurgeonError):
