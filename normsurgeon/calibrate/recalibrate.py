@@ -8,8 +8,8 @@ so dropout is off. The input model is never modified (the pass works on a deep c
 How the pass runs (one eval-mode forward per batch, the cost of inference):
 
 - A collector run inside each such layer's forward (:mod:`normsurgeon.calibrate.collect`) takes its
-  input's per-channel sums (``batch_moments(x)``, or for torch BN on CPU a one-pass C kernel) and
-  adds them to float64 accumulators (:mod:`normsurgeon.calibrate.stats`): exact cumulative averaging over all
+  input's per-channel mean and variance (``batch_moments(x)``: one ``torch.var_mean``) and adds them
+  to float64 accumulators (:mod:`normsurgeon.calibrate.stats`): exact cumulative averaging over all
   data seen, not momentum, not averaged per-batch variances.
 - The layer then normalizes that batch with the batch's own statistics (loaded for the one call),
   like BN in training mode: downstream layers see activations normalized the way a freshly
@@ -17,11 +17,6 @@ How the pass runs (one eval-mode forward per batch, the cost of inference):
   ``update_bn`` does the same with the *whole model* in train mode, dropout included; pooling
   exactly and keeping dropout off are the differences.) A consequence: results depend on the batch
   size (not on the number of processes); use batches of at least 16-32 samples.
-- On CPU with the C kernel, in a model built only from library modules (torch, torchvision, timm,
-  normsurgeon), a plain torch BN whose input comes straight from a conv or linear and is used by
-  nothing else (decided from the fx graph, checked again on every call; see
-  :mod:`normsurgeon.calibrate.inplace`) overwrites that input with its output: no output allocation,
-  the same values bit for bit.
 - At the end each layer receives the pooled ``E[x]``, ``E[x^2]`` and count (``load_moments``).
 
 Noise-aware mode (Tsai et al., arXiv 2007.03230; noise model in :mod:`normsurgeon.calibrate.noise`):
@@ -47,7 +42,6 @@ from torch import nn
 
 from normsurgeon import provenance
 from normsurgeon.calibrate.collect import Collection
-from normsurgeon.calibrate.inplace import in_place_producers
 from normsurgeon.calibrate.data import as_dataset
 from normsurgeon.calibrate.distributed import all_reduce_sum, rank_world
 from normsurgeon.calibrate.noise import (
@@ -58,7 +52,6 @@ from normsurgeon.calibrate.protocol import BatchNormStats, find_stat_layers
 from normsurgeon.calibrate.stats import PooledMoments
 from normsurgeon.errors import DataError, NormSurgeonError, VerificationError
 from normsurgeon.graph.verify import compare
-from normsurgeon.native import moments as native
 from normsurgeon.report import Change, SurgeryResult, Verification
 
 DEFAULT_BATCH_SIZE = 32
@@ -125,8 +118,7 @@ def recalibrate(
     mine = plan.shard(rank, world)
 
     pooled = {name: PooledMoments() for name, _ in layers}
-    in_place, in_place_note = _in_place_plan(new, layers, device, dtype)
-    collection = Collection(layers, pooled, in_place)
+    collection = Collection(layers, pooled)
     noisy = WeightNoise(new, spec) if spec is not None else None
     start = time.perf_counter()
     try:
@@ -178,8 +170,7 @@ def recalibrate(
     info = {
         "data": dataset.name, "samples": plan.samples, "batches": len(plan), "batch_size": batch_size,
         "forward_samples": forwards, "recalibrated": sum(1 for c in changes if c.action == "recalibrated"),
-        "world_size": world, "seconds": round(seconds, 4), "statistics_kernel": collection.describe(),
-        "in_place": in_place_note,
+        "world_size": world, "seconds": round(seconds, 4),
         "samples_per_s": round(plan.samples_of(mine) * draws / seconds, 1) if seconds > 0 else None,
         "noise": None if spec is None else str(spec), "noise_mode": noise_mode if spec is not None else None,
         "noise_seed": noise_seed if spec is not None else None, "noise_samples": draws if spec is not None else None,
@@ -192,18 +183,6 @@ def recalibrate(
     })
     return SurgeryResult(model=new, changes=changes, verb="recalibrate", path="statistics pass",
                          verification=verification, info=info)
-
-
-def _in_place_plan(model: nn.Module, layers, device, dtype) -> tuple[dict, str]:
-    """Which BN layers normalize their input in place during the pass (CPU float32 with the C kernel
-    only; see :mod:`normsurgeon.calibrate.inplace`), and a note for the report."""
-    if torch.device(device).type != "cpu" or dtype != torch.float32 or native.kernel() is None:
-        return {}, "no: the in-place path needs the C kernel on a CPU float32 model"
-    pairs, why = in_place_producers(model)
-    if why:
-        return {}, f"no: {why}"
-    bns = sum(1 for _, h in layers if isinstance(h, BatchNormStats))
-    return pairs, f"{len(pairs)} of {bns} BN layers (their input is used by nothing else)"
 
 
 def _all_reduce(pooled: dict[str, PooledMoments], layers) -> dict[str, PooledMoments]:

@@ -95,8 +95,7 @@ def register(app: typer.Typer) -> None:
             path = save_model(result.model, output, force=force)
         info = result.info
         extra = {"output": str(path), "samples": info["samples"], "samples_per_s": info["samples_per_s"],
-                 "world_size": info["world_size"], "statistics_kernel": info["statistics_kernel"],
-                 "in_place": info["in_place"]}
+                 "world_size": info["world_size"]}
         if info.get("noise"):
             extra["noise"] = f"{info['noise']} ({info['noise_mode']}, seed {info['noise_seed']})"
         common.render_result(result, "recalibrate", as_json, extra)

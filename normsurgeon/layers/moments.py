@@ -6,83 +6,69 @@ moments become its running buffers (``load_moments``).
 """
 from __future__ import annotations
 
-
 import torch
 
-# Below this many positions per sample, partials are taken over the batch instead (see moment_sums);
-# the batch bound keeps those float32 partials short enough to stay ~1e-7 relative.
+# Below this many positions per sample, partials are taken over the batch instead (see moment_sums).
 SHORT_ROWS = 40  # crossover measured on CPU: 36 positions favour batch-wise partials, 49 per-sample ones
-SHORT_ROWS_MAX_BATCH = 256
-SHIFT_VALUES = 16  # values per statistic averaged into the shift k of the float32 partial sums
+# Where a statistic's squared mean exceeds this many variances, raw float32 sums of squares would
+# lose more than ~1e-5 of its variance: such statistics get centred partials instead.
+CENTRE_RATIO = 100.0
 
 
 def moment_sums(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(sum_x, sum_x2, count)`` of ``v`` per index of dim 1, reduced over every other dim.
 
     ``sum_x``/``sum_x2`` are float64 of shape ``(v.shape[1],)``; ``count`` is the number of values
-    per statistic. Partial sums (one sample's positions, or for short rows one position across the
-    batch) are taken in the activation dtype (~1e-7 relative in float32) and pooled in float64.
+    per statistic. Partial means and biased variances are taken over contiguous runs (one sample's
+    positions, or for short rows one position across the batch) and merged in float64 with Chan's
+    parallel formula: the pooled mean, and the partials' sums of squared deviations plus each
+    partial's count times its mean's squared distance to the pooled mean.
 
-    Large means: E[x^2] - E[x]^2 multiplies the float32 error of sum(x^2) by (mean/spread)^2 (a
-    variance 20% off at mean 1000, spread 1). Below float64 the sums are then taken of ``x - k`` and
-    shifted back in float64. On CPU the plain sums come first and only statistics whose mean exceeds
-    10 spreads are summed again around their batch mean (a second pass, rare). On a GPU that check
-    would synchronize, so every statistic is shifted by the mean of its first ``SHIFT_VALUES``
-    values. The C kernel (normsurgeon/native/moments.c) shifts the GPU way; it costs it nothing.
+    The partials come from ``torch.var_mean`` (centred, exact to the activation dtype whatever the
+    mean) on GPUs and in float64. On CPU that reduction is 3-6x slower than a plain sum, so float32
+    partials come from a sum and a sum of squares (as exact as the float32 values themselves while
+    mean^2 <= ``CENTRE_RATIO`` * variance); only statistics beyond that ratio are taken again with
+    ``torch.var_mean``. Any layout (channels_last included); NaN/Inf pass through.
     """
-    v = v.detach()  # no autograd graph (and no no_grad context: this runs in a hook on every call)
+    v = v.detach()  # no autograd graph (and no no_grad context: this runs on every call of the pass)
     n, c = v.shape[0], v.shape[1]
     if v.dtype in (torch.float16, torch.bfloat16):  # half-precision sums overflow / round too coarsely
         v = v.float()
-    last = v.dim() > 2 and not v.is_contiguous()  # e.g. channels_last: reduce (n, positions, c) as a view
-    flat = v.movedim(1, -1).reshape(n, -1, c) if last else v.reshape(n, c, -1)
-    count = flat.numel() // c if c else 0
-    if v.dtype == torch.float64 or count == 0:
-        return (*_sums(flat, last, None, count), count)
-    if not v.is_cpu:
-        return (*_sums(flat, last, _first_mean(flat, last), count), count)
-    s, s2 = _sums(flat, last, None, count)
-    mean = s / count
-    need = torch.isfinite(mean) & (mean * mean > 100 * (s2 / count - mean * mean))
-    if bool(need.any()):
-        s, s2 = _sums(flat, last, torch.where(need, mean, torch.zeros_like(mean)).to(flat.dtype), count)
-    return s, s2, count
-
-
-def _sums(flat: torch.Tensor, last: bool, k: torch.Tensor | None, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 sums of x and x^2 per statistic of ``flat`` ((n, c, per), or (n, per, c) when
-    ``last``), taken of ``x - k`` when a shift ``k`` is given (0 entries: no shift)."""
-    if k is not None:
-        flat = flat - (k if last else k[:, None])
+    count = v.numel() // c if c else 0
+    if count == 0:
+        z = torch.zeros(c, dtype=torch.float64, device=v.device)
+        return z, z.clone(), 0
+    last = v.dim() > 2 and not v.is_contiguous()  # e.g. channels_last: (n, positions, c) as a view
     if last:
-        s = flat.sum(dim=1).sum(dim=0, dtype=torch.float64)
-        s2 = (flat * flat).sum(dim=1).sum(dim=0, dtype=torch.float64)
-    elif flat.shape[2] < SHORT_ROWS and flat.shape[0] <= SHORT_ROWS_MAX_BATCH:
-        # Few positions per sample (late stages, BN1d): per-position partials over the batch reduce
-        # along a contiguous row of c*per values, much faster than many 1-16 element inner sums.
-        s = flat.sum(dim=0).sum(dim=1, dtype=torch.float64)
-        s2 = (flat * flat).sum(dim=0).sum(dim=1, dtype=torch.float64)
+        flat, dim, axis = v.movedim(1, -1).reshape(n, -1, c), 1, 0
     else:
-        s = flat.sum(dim=2).sum(dim=0, dtype=torch.float64)
-        # ||x||^2 per (sample, statistic): one vectorized reduction pass, about 2x faster on CPU than
-        # vecdot(x, x) (which multiplies into a temporary first); squaring the float32 norm costs ~1 ulp.
-        s2 = torch.linalg.vector_norm(flat, dim=2).square().sum(dim=0, dtype=torch.float64)
-    if k is None:
-        return s, s2
-    k = k.double()
-    shifted = k != 0  # where k is 0 the sums pass through, NaN/Inf intact
-    return (torch.where(shifted, s + count * k, s), torch.where(shifted, s2 + k * (2 * s + count * k), s2))
+        flat = v.reshape(n, c, -1)
+        dim = 2 if flat.shape[2] >= SHORT_ROWS else 0
+        axis = 0 if dim == 2 else 1  # the partials' axis that is not the channel axis
+    per = flat.shape[dim]  # values behind each partial
+    if v.is_cpu and v.dtype == torch.float32:
+        mean = flat.sum(dim=dim).double() / per
+        sq = torch.linalg.vector_norm(flat, dim=dim).double().square() / per
+        var = (sq - mean * mean).clamp_min(0)
+        pooled, m2 = _chan(mean, var, per, axis)
+        risky = torch.isfinite(pooled) & (pooled * pooled > CENTRE_RATIO * m2 / count)
+        if bool(risky.any()):
+            idx = risky.nonzero().flatten()
+            part = flat.index_select(2 if last else 1, idx)
+            pv, pm = torch.var_mean(part, dim=dim, correction=0)
+            pooled[idx], m2[idx] = _chan(pm.double(), pv.double(), per, axis)
+    else:
+        var, mean = torch.var_mean(flat, dim=dim, correction=0)
+        pooled, m2 = _chan(mean.double(), var.double(), per, axis)
+    return pooled * count, m2 + pooled * pooled * count, count
 
 
-def _first_mean(flat: torch.Tensor, last: bool) -> torch.Tensor:
-    """Mean of each statistic's first ``SHIFT_VALUES`` values (samples, then positions), 0 if not finite."""
-    c = flat.shape[2] if last else flat.shape[1]
-    if last:
-        first = flat.reshape(-1, c)[:SHIFT_VALUES].t()
-    else:
-        first = flat[:-(-SHIFT_VALUES // flat.shape[2])].transpose(0, 1).reshape(c, -1)[:, :SHIFT_VALUES]
-    k = first.float().mean(dim=1)
-    return torch.where(torch.isfinite(k), k, torch.zeros_like(k)).to(flat.dtype)
+def _chan(mean: torch.Tensor, var: torch.Tensor, per: int, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge equal-sized partials (``per`` values each; partials along ``axis``): the pooled mean and
+    the pooled sum of squared deviations (Chan et al.'s parallel formula)."""
+    pooled = mean.mean(dim=axis)
+    centre = pooled if axis == 0 else pooled[:, None]
+    return pooled, per * (var.sum(dim=axis) + (mean - centre).square().sum(dim=axis))
 
 
 class RunningMoments:
