@@ -11,7 +11,7 @@ Rows (all timed in rotation in one process, so machine load hits them alike):
   ns-gnws-conv   same, default InstanceNorm GroupNorm form, affine as depthwise 1x1 Conv
   ns-gnws-in     same, InstanceNorm form and the exporter's Mul/Add affine (--channel-affine mul-add)
   torch-gnws     torch.onnx.export(dynamo=True) of the gn+ws model as is (WS unfolded)
-Targets (issue 3): ns-bn / torch-dynamo <= 1.03; ns-gnws / ns-bn <= 1.25 on ORT CPU.
+Targets: ns-bn / torch-dynamo <= 1.03; ns-gnws / ns-bn <= 1.25 on ORT CPU.
 """
 from __future__ import annotations
 

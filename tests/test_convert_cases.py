@@ -1,6 +1,6 @@
 """convert on hand-built models: BN1d after Linear and over sequences, BN3d, SyncBatchNorm, functional
 batch_norm, awkward channel counts, --keep / per-layer recipes, non-affine and frozen BN, training
-after conversion (PITFALLS: opacus#567, #390/#580, #828, pytorch#122070)."""
+after conversion (problems seen in other tools: opacus#567, #390/#580, #828, pytorch#122070)."""
 from __future__ import annotations
 
 import pytest

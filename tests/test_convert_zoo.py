@@ -1,5 +1,5 @@
 """Every torchvision classification model with BatchNorm, and a sample of timm models, converts to
-``frozen`` and ``gn+ws`` (issue 2): no BN left, frozen exact, gamma/beta carried over, batch-independent
+``frozen`` and ``gn+ws``: no BN left, frozen exact, gamma/beta carried over, batch-independent
 in eval and train mode. One test per model runs both recipes so each model is built once.
 
 The BN-free torchvision models are found by building them on the meta device (cheap); a model whose

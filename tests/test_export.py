@@ -107,7 +107,7 @@ def test_gn_ws_model_exports_plain_convs_and_instancenorm(tmp_path, form):
 
 def test_ws_subgraph_never_reaches_the_file_even_without_fold(tmp_path):
     """Without fold the WS arithmetic is exported; constant folding must still leave no constant-only
-    node (ONNX-NOTES: onnxscript's folder skips tensors over 8,192 elements)."""
+    node (onnxscript's folder skips tensors over 8,192 elements)."""
     model = nn.Sequential(WSConv2d.from_conv(nn.Conv2d(64, 128, 3, padding=1)), nn.ReLU()).eval()
     assert model[0].weight.numel() > 8192
     rep = normsurgeon.export_onnx(model, tmp_path / "w.onnx", input_shape=(1, 64, 8, 8), fold=False, verify=True)

@@ -32,7 +32,7 @@ def test_relu_init_constants_match_reference_values():
     norm = nn.GroupNorm(1, 3).double()
     pn = ProxyNorm(norm, nn.ReLU())
     m, v = pn.proxy_moments()
-    # Graphcore-code values at init with ReLU (METHODS-NOTES: m = 0.39845, 1/sqrt(v + 0.03) = 1.6484)
+    # Graphcore-code values at init with ReLU (Graphcore's code: m = 0.39845, 1/sqrt(v + 0.03) = 1.6484)
     assert torch.allclose(m, torch.full((3,), 0.39845, dtype=torch.float64), atol=5e-5)
     assert torch.allclose(torch.rsqrt(v + 0.03), torch.full((3,), 1.6484, dtype=torch.float64), atol=5e-4)
 

@@ -1,4 +1,4 @@
-"""Acceptance on real data (issue 5): digits 16x16, a 3-conv BN CNN trained briefly, eta = 0.1."""
+"""Acceptance on real data: digits 16x16, a 3-conv BN CNN trained briefly, eta = 0.1."""
 import torch
 
 import normsurgeon

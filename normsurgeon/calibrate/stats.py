@@ -3,7 +3,7 @@
 Recalibration pools every value a layer sees: E[x] = sum(x) / n and E[x^2] = sum(x^2) / n over all
 batches, noise draws and ranks, so the result is the mean and variance of the whole calibration set
 (not a momentum average, not an average of per-batch variances, which drops the spread of the batch
-means: the mistake PITFALLS.md lists for AIMET and for torch's ``momentum=None``).
+means: the mistake other tools make, AIMET among them, and torch's ``momentum=None``).
 
 Cost matters (the pass should run at eval-forward speed), so
 :func:`normsurgeon.layers.moments.moment_sums` takes partial sums in the activation dtype (per

@@ -1,6 +1,6 @@
 """``bench``: latency and throughput of a model on ONNX Runtime, with a PyTorch eager row beside it.
 
-Method (ONNX-NOTES.md §3): one session per (model, provider, batch size), IO binding with inputs and
+Method: one session per (model, provider, batch size), IO binding with inputs and
 outputs bound once (on the GPU: device buffers, so host<->device copies stay out of the timings),
 warm-up runs, then timed runs reported as p50/p90/p99 and throughput = batch / p50. ``compare``
 models are timed interleaved with the main one in the same process (A, B, A, B, ...), so load on a

@@ -1,6 +1,6 @@
 """``export_onnx``: fold, export, optimize, check and (optionally) verify an ONNX graph.
 
-Pipeline (ONNX-NOTES.md §7): fold in PyTorch (BN and weight standardization never reach the file) ->
+Pipeline: fold in PyTorch (BN and weight standardization never reach the file) ->
 ``torch.onnx.export`` (dynamo by default, opset 20 so GroupNorm keeps the InstanceNorm form ORT runs
 natively; the TorchScript exporter is the fallback, is ~1.5x faster to run and does opsets below 18,
 which the dynamo exporter silently raises to 18) -> constant folding to a fixed point (no node with only
@@ -26,7 +26,7 @@ from typing import Any
 from normsurgeon.errors import NormSurgeonError, VerificationError, first_line
 
 EXTERNAL_DATA_BYTES = 1536 << 20  # above this the weights go to PATH.data (protobuf's limit is 2 GiB)
-TOLERANCE = {False: 1e-4, True: 1e-2}  # max |ort - torch| / max |torch|, fp32 / fp16 (issue 3)
+TOLERANCE = {False: 1e-4, True: 1e-2}  # max |ort - torch| / max |torch|, fp32 / fp16
 EXPORTERS = ("auto", "dynamo", "torchscript")
 DYNAMO_MIN_OPSET = 18  # torch's dynamo exporter writes opset >= 18 (it silently upgrades lower requests)
 TORCHSCRIPT_MAX_OPSET = 20

@@ -1,6 +1,6 @@
 """Post-export ONNX graph work: constant folding to a fixed point, the per-channel affine form, checks.
 
-Facts this relies on (ONNX-NOTES.md §1-2): opset <= 20 exports GroupNorm as Reshape ->
+Facts this relies on (measured; see docs/deploy.md): opset <= 20 exports GroupNorm as Reshape ->
 InstanceNormalization -> Reshape -> Mul(gamma) -> Add(beta); onnxscript's constant folder skips inputs
 over 8,192 elements, so weight-only subgraphs can survive an export; ORT's CPU EP runs convs in the
 NCHWc layout, and a per-channel Mul/Add pair costs two extra passes (and layout reorders) where a

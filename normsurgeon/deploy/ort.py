@@ -1,6 +1,6 @@
 """ONNX Runtime sessions: choosing an execution provider and saying plainly what is missing.
 
-Provider options follow ONNX-NOTES.md §2: CUDA EP with ``cudnn_conv_algo_search=EXHAUSTIVE`` (warm-up
+Provider options: CUDA EP with ``cudnn_conv_algo_search=EXHAUSTIVE`` (warm-up
 covers the search) and ``cudnn_conv_use_max_workspace=1``; TF32 stays ORT's default unless
 ``strict_fp32`` (then ``use_tf32=0``; the cuDNN-frontend path also needs NVIDIA_TF32_OVERRIDE=0).
 """

@@ -3,7 +3,7 @@ Match Batch Normalization while Removing Batch Dependence", NeurIPS 2021).
 
 Reference code: graphcore/examples ``applications/tensorflow/cnns/training/Models/proxy_norm.py``
 (TF1, commit b30108fb; ``get_rand(num_rand=200)`` and ``proxy_epsilon=0.03`` confirmed there; see
-``METHODS-NOTES.md`` section 1).
+docs/recipes.md).
 
 The block is ``conv -> Norm(x) -> y = gamma * x_hat + beta -> phi -> PN``. normsurgeon keeps
 ``gamma``/``beta`` in the norm's own affine (an ``nn.GroupNorm`` with affine, exactly the "merged"

@@ -4,7 +4,7 @@ Rules (``fold_rules.py``): which layers are a constant per-channel affine at eva
 rank, SyncBatchNorm, timm BN subclasses, frozen BN, and anything exposing ``eval_affine()``), and
 which convs hide a constant weight transform (normsurgeon WS convs, timm StdConv2d/ScaledStdConv2d).
 
-Plan, per affine site, in topological order (METHODS.md, "What fold can remove at inference"):
+Plan, per affine site, in topological order (docs/recipes.md says what each recipe leaves foldable):
 
 1. **backward**: the site's input is a conv / conv-transpose / linear output used by nothing else
    -> scale its output channels, fold the shift into its bias (a timm BN-act keeps its act/drop);

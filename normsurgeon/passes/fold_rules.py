@@ -6,7 +6,7 @@ Adding a layer type is one more entry in ``AFFINE_RULES`` or ``WS_RULES``. Any m
 first affine rule without a new entry.
 
 Affine rules return ``(scale, shift)`` in float64 (``y = scale * x + shift`` over dim 1), or a string
-saying why the module is not a constant affine. METHODS.md, "What fold can remove at inference".
+saying why the module is not a constant affine. docs/recipes.md says what each recipe leaves foldable.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Train-from-scratch recipe: GroupNorm + proxy norm with the "revisited" init, a few SGD steps at
 batch size 2, then fold for deployment -- the folded model has no proxy-norm computation left.
 
-    python examples/seed_proxy_norm.py
+    python examples/proxy_norm_training.py
 """
 import torch
 

@@ -1,5 +1,5 @@
 """Recipes for the methods of the project's sources: proxy norm, BCN, batch-group norm, ghost BN,
-batch+group norm and example-weighted BN. Formulas and constants: the layer modules and METHODS.md.
+batch+group norm and example-weighted BN. Formulas and constants: the layer modules and docs/recipes.md.
 
 Options (``convert(..., **options)``): ``pn_norm_eps`` (eps of the LN/GN under proxy norm, default
 1e-3 as in Graphcore's EfficientNet code), ``pn_eps`` (0.03), ``bcn_estimate`` (True: the EstBN

@@ -1,7 +1,7 @@
 """Equi-normalization two ways: the function-preserving ``equalize`` verb on a zoo model, and ENorm
 interleaved with SGD (one sweep after every step, momentum buffers rescaled) on a BN-free CNN.
 
-    python examples/seed_equalize_sgd.py
+    python examples/equalize_sgd_training.py
 """
 import torch
 from torch import nn

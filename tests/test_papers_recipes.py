@@ -1,5 +1,5 @@
 """Every seed recipe on a real zoo model: trains at batch 2, batch-independent where claimed, folds
-exactly where METHODS.md says, survives save/load."""
+exactly where docs/recipes.md says, survives save/load."""
 import copy
 
 import pytest
