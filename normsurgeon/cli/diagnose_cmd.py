@@ -39,8 +39,8 @@ def register(app: typer.Typer) -> None:
         channels and (with --teacher) similarity, with a verdict; see docs/diagnose.md."""
         from normsurgeon.calibrate.data import load_data
         from normsurgeon.calibrate.noise import resolve_noise
-        from normsurgeon.diagnose import diagnose
-        from normsurgeon.diagnose.output import check_report_path, need_matplotlib
+        from normsurgeon.diagnosis import diagnose
+        from normsurgeon.diagnosis.output import check_report_path, need_matplotlib
 
         resolve_noise(noise, noise_mode, noise_seed, noise_samples)
         mean_t, std_t = floats(mean, "--mean"), floats(std, "--std")
@@ -62,8 +62,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _write(result, png, page, model: str) -> None:
-    from normsurgeon.diagnose.html import write_html
-    from normsurgeon.diagnose.plot import write_png
+    from normsurgeon.diagnosis.html import write_html
+    from normsurgeon.diagnosis.plot import write_png
 
     if png is not None:
         write_png({model: result}, png, title=f"diagnose {model}")
@@ -72,7 +72,7 @@ def _write(result, png, page, model: str) -> None:
 
 
 def _render(result, as_json: bool, model: str, png, page) -> None:
-    from normsurgeon.diagnose.table import LEGEND, layers_table
+    from normsurgeon.diagnosis.table import LEGEND, layers_table
 
     report = result.report
     written = {k: str(p) for k, p in (("plot", png), ("html", page)) if p is not None}

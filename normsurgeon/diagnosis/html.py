@@ -7,8 +7,8 @@ import html
 import json
 from pathlib import Path
 
-from normsurgeon.diagnose.output import write_bytes
-from normsurgeon.diagnose.plot import figure_png
+from normsurgeon.diagnosis.output import write_bytes
+from normsurgeon.diagnosis.plot import figure_png
 
 COLUMNS = (("name", "layer"), ("kind", "norm"), ("activation", "activation"), ("shift_max", "shift max"),
            ("shift_mean", "shift mean"), ("log_var_max", "log var max"), ("collapse", "collapse"),

@@ -1,7 +1,7 @@
 """The statistics ``diagnose`` gathers in its one pass: forward hooks on every norm layer.
 
 Per site and per call, with ``x`` the norm's input, ``y`` its output and ``a = post(y)`` the block
-output (after the activation, see :mod:`normsurgeon.diagnose.sites`):
+output (after the activation, see :mod:`normsurgeon.diagnosis.sites`):
 
 - ``inp``: per-channel sums of ``x`` in the layer's own statistics view (``batch_moments`` of the
   recalibration protocol), only for layers with running estimates: the statistics recalibration
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from normsurgeon.calibrate.stats import PooledMoments
-from normsurgeon.diagnose.measures import channels_first, per_sample_stats
-from normsurgeon.diagnose.sites import Site
+from normsurgeon.diagnosis.measures import channels_first, per_sample_stats
+from normsurgeon.diagnosis.sites import Site
 from normsurgeon.layers.moments import moment_sums
 
 

@@ -25,6 +25,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from normsurgeon.calibrate.protocol import has_protocol
+from normsurgeon.errors import first_line
+from normsurgeon.graph.trace import NormTracer
 
 ACTIVATIONS: tuple[type, ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
@@ -81,25 +83,44 @@ def channel_last(m: nn.Module) -> bool:
 
 def find_sites(model: nn.Module) -> tuple[list[Site], str]:
     """Every norm layer of ``model`` with the block after it, and how the activations were found."""
-    from normsurgeon.graph.trace import try_trace
-
     norms, seen = [], set()
     for name, m in model.named_modules():
         if id(m) not in seen and is_norm(m) and not _inside_norm(name, norms):
             seen.add(id(m))
             norms.append((name, m))
-    traced = try_trace(model)
-    if traced.ok:
-        posts = _posts_from_graph(traced.graph_module, model, {n for n, _ in norms})
+    names = {n for n, _ in norms}
+    graph, error = _trace(model)
+    order = _posts_from_order(model, names)
+    if graph is not None:
+        posts = _posts_from_graph(graph, model, names)
         how = "fx graph"
+        missing = names - _called(graph)
+        posts.update({n: order[n] for n in missing if n in order})  # shared or inlined: module order
     else:
-        posts = _posts_from_order(model, {n for n, _ in norms})
-        how = f"module order (fx cannot trace: {traced.error})"
+        posts, how = order, f"module order (fx cannot trace: {error})"
     sites = []
     for name, m in norms:
         post, label = posts.get(name, (None, "-"))
         sites.append(Site(name, m, post, label, channel_last(m)))
     return sites, how
+
+
+class _SiteTracer(NormTracer):
+    """normsurgeon's tracer, also keeping every norm site (found by the protocol too) whole."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_norm(m) or super().is_leaf_module(m, qualname)
+
+
+def _trace(model: nn.Module) -> tuple[fx.Graph | None, str | None]:
+    try:
+        return _SiteTracer().trace(model), None
+    except Exception as e:  # noqa: BLE001 - any failure means "not traceable": the module-order fallback
+        return None, first_line(e)
+
+
+def _called(graph: fx.Graph) -> set[str]:
+    return {n.target for n in graph.nodes if n.op == "call_module"}
 
 
 def _inside_norm(name: str, norms) -> bool:
@@ -110,12 +131,12 @@ def _safe(fn: Callable, inplace: bool) -> Callable:
     return (lambda y: fn(y.clone())) if inplace else fn
 
 
-def _posts_from_graph(gm: fx.GraphModule, model: nn.Module, names: set[str]) -> dict:
+def _posts_from_graph(graph: fx.Graph, model: nn.Module, names: set[str]) -> dict:
     from normsurgeon.layers import ProxyNorm
 
     modules = dict(model.named_modules())
     out = {}
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op != "call_module" or node.target not in names:
             continue
         steps, labels, cur = [], [], node

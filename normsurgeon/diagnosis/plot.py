@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from normsurgeon.diagnose.output import need_matplotlib, write_bytes
+from normsurgeon.diagnosis.output import need_matplotlib, write_bytes
 
 # (panel title, [(row key, line label)], y label)
 PANELS = (

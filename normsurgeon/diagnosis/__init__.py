@@ -1,5 +1,5 @@
 """``diagnose``: per-norm-layer measures on data (staleness, collapse, instance variability, dead
 channels, similarity to a teacher) with a verdict per layer; tables, JSON, PNG and HTML reports."""
-from normsurgeon.diagnose.run import DiagnoseResult, diagnose
+from normsurgeon.diagnosis.run import DiagnoseResult, diagnose
 
 __all__ = ["DiagnoseResult", "diagnose"]

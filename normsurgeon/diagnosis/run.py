@@ -1,9 +1,9 @@
 """``diagnose``: one pass over data that measures, per norm layer, where normalization helps or hurts.
 
-For every norm layer (see :mod:`normsurgeon.diagnose.sites`) the pass pools exact float64 statistics
-(:mod:`normsurgeon.diagnose.collect`) with the model in eval mode, i.e. as it runs in deployment,
+For every norm layer (see :mod:`normsurgeon.diagnosis.sites`) the pass pools exact float64 statistics
+(:mod:`normsurgeon.diagnosis.collect`) with the model in eval mode, i.e. as it runs in deployment,
 optionally under simulated weight noise (the noise model and flags of ``recalibrate``). The measures
-(:mod:`normsurgeon.diagnose.measures`) and the one-word verdicts (:mod:`normsurgeon.diagnose.verdicts`)
+(:mod:`normsurgeon.diagnosis.measures`) and the one-word verdicts (:mod:`normsurgeon.diagnosis.verdicts`)
 are computed at the end. With a teacher, the teacher runs on the same batches (without noise) and
 each layer's block output is compared with the matching teacher layer's (same name, else the same
 position among the norm layers).
@@ -25,10 +25,10 @@ from normsurgeon.calibrate.data import as_dataset
 from normsurgeon.calibrate.noise import WeightNoise, fixed_stream, resample_stream, resolve_noise
 from normsurgeon.calibrate.plan import check_fits, make_plan, model_device_dtype, run_model
 from normsurgeon.calibrate.protocol import find_stat_layers
-from normsurgeon.diagnose import measures as M
-from normsurgeon.diagnose.collect import Hooks, SiteStats
-from normsurgeon.diagnose.sites import find_sites
-from normsurgeon.diagnose.verdicts import VERDICTS, thresholds, verdict
+from normsurgeon.diagnosis import measures as M
+from normsurgeon.diagnosis.collect import Hooks, SiteStats
+from normsurgeon.diagnosis.sites import find_sites
+from normsurgeon.diagnosis.verdicts import VERDICTS, thresholds, verdict
 from normsurgeon.errors import DataError, NormSurgeonError
 
 DEFAULT_BATCH_SIZE = 64
@@ -172,12 +172,13 @@ def _running(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     return mean, var
 
 
-def _r(v: float | None, digits: int = 4) -> float | None:
-    return None if v is None else round(float(v), digits)
+def _r(v: float | None) -> float | None:
+    """Six significant digits: more than any threshold needs, short JSON."""
+    return None if v is None else float(f"{float(v):.6g}")
 
 
 def layer_row(st: SiteStats, depth: int) -> dict:
-    """The measures of one layer from its pooled statistics (see :mod:`normsurgeon.diagnose.measures`)."""
+    """The measures of one layer from its pooled statistics (see :mod:`normsurgeon.diagnosis.measures`)."""
     site = st.site
     row: dict = {"name": site.name, "depth": depth, "kind": site.kind, "activation": site.activation,
                  "channels": st.channels}
