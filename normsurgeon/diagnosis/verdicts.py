@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-DIVERGED_CKA = 0.5
+DIVERGED_CKA = 0.8
 DEAD_SHARE = 0.5
 STALE_SHIFT = 0.3
 STALE_LOG_VAR = math.log(1.5)
