@@ -54,7 +54,7 @@ def figure_noise(out: Path) -> None:
     print(f"stale before: {len(before.flagged('recalibrate'))}/{len(before.layers)}, "
           f"after: {len(after.flagged('recalibrate'))}/{len(after.layers)}")
     write_png({"before recalibrate": before, "after recalibrate": after}, out / "diagnose_noise.png",
-              title=f"digits BN CNN under {NOISE}: before / after recalibrate")
+              title=f"digits BN CNN under {NOISE}: before / after recalibrate", panels=("staleness", "log_var"))
 
 
 # ------------------------------------------------------------------------------------------ (b)
@@ -114,7 +114,8 @@ def figure_collapse(out: Path, epochs: int) -> None:
         pre = [x["collapse_pre"] for x in r.layers]
         print(f"{recipe}: mean collapse after activation {sum(post) / len(post):.3f}, "
               f"at the norm output {sum(pre) / len(pre):.3f}")
-    write_png(results, out / "diagnose_collapse.png", title=f"ResNet-style net on digits ({epochs} epochs): ln vs ln+pn")
+    write_png(results, out / "diagnose_collapse.png", title=f"ResNet-style net on digits ({epochs} epochs): ln vs ln+pn",
+              panels=("collapse", "instance"))
 
 
 # ------------------------------------------------------------------------------------------ (c)
@@ -136,7 +137,8 @@ def figure_teacher(out: Path, distill_steps: int) -> None:
         results["gn+ws after distill"] = r = ns.diagnose(student, "digits:test", teacher=teacher)
         acc = ns.evaluate(student, "digits:test")["accuracy"]
         table(f"(c) gn+ws after distill ({distill_steps} steps, {time.time() - t0:.0f} s; test acc {acc:.3f})", r)
-    write_png(results, out / "diagnose_teacher.png", title="digits CNN converted to gn+ws vs its BN teacher")
+    write_png(results, out / "diagnose_teacher.png", title="digits CNN converted to gn+ws vs its BN teacher",
+              panels=("similarity", "collapse"))
 
 
 def main() -> None:
