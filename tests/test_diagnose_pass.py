@@ -184,3 +184,18 @@ def test_json_report_shape():
     assert rep["samples"] == 23 and rep["layers"][0]["name"] == "1"
     assert all("verdict" in row and "name" in row for row in rep["layers"])
     assert set(rep["thresholds"]) >= {"stale_shift", "collapse", "dead_share", "diverged_cka"}
+
+
+def test_channel_dim_of_token_and_channels_first_layer_norms():
+    from torchvision.models.convnext import LayerNorm2d
+
+    tokens = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.GELU())
+    x = torch.randn(5, 7, 4)
+    row = ns.diagnose(tokens, x).layers[0]
+    with torch.no_grad():
+        a = tokens(x).reshape(-1, 6).double()
+    assert row["channels"] == 6
+    assert row["collapse"] == pytest.approx(float((a.mean(0) ** 2).sum() / (a * a).mean(0).sum()), rel=1e-4)
+    conv = nn.Sequential(nn.Conv2d(2, 3, 1), LayerNorm2d(3))  # LayerNorm over dim 1 of (N, C, H, W)
+    row = ns.diagnose(conv, data()).layers[0]
+    assert row["channels"] == 3

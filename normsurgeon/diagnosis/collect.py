@@ -66,7 +66,6 @@ class Hooks:
             raise
 
     def _hook(self, st: SiteStats):
-        cl = st.site.channel_last
 
         def hook(module, args, output):
             if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
@@ -75,6 +74,7 @@ class Hooks:
                 st.order, self._calls = self._calls, self._calls + 1
             with torch.no_grad():
                 x, y = args[0], output
+                cl = st.site.channel_last(y)
                 if st.stat_handle is not None:
                     s, s2, n = st.stat_handle.batch_moments(x)
                     st.inp.add(s, s2, n)

@@ -68,17 +68,29 @@ class Site:
     module: nn.Module
     post: Callable[[torch.Tensor], torch.Tensor] | None
     activation: str  # e.g. "ReLU", "ReLU+ProxyNorm", "-" (none)
-    channel_last: bool
+    token_width: int | None  # C for a norm over one trailing dim (LayerNorm(C), RMSNorm(C)), else None
+
+    def channel_last(self, y: torch.Tensor) -> bool:
+        """Whether ``y``'s channels are its last dim: a token-wise norm whose output has C last and not
+        at dim 1 (torchvision's LayerNorm2d normalizes dim 1 of (N, C, H, W) through a permute); when
+        both fit, a plain ``nn.LayerNorm``/``nn.RMSNorm`` means last."""
+        c = self.token_width
+        if c is None or y.dim() <= 2 or y.shape[-1] != c:
+            return False
+        return y.shape[1] != c or type(self.module) in _TOKEN_NORMS
 
     @property
     def kind(self) -> str:
         return type(self.module).__name__
 
 
-def channel_last(m: nn.Module) -> bool:
-    """Token-wise norms (LayerNorm/RMSNorm over one trailing dim) keep channels last."""
+_TOKEN_NORMS = tuple(t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if t is not None)
+
+
+def token_width(m: nn.Module) -> int | None:
+    """C for norms over one trailing dim (``normalized_shape == (C,)``), else None."""
     shape = getattr(m, "normalized_shape", None)
-    return isinstance(shape, (tuple, list)) and len(shape) == 1
+    return int(shape[0]) if isinstance(shape, (tuple, list)) and len(shape) == 1 else None
 
 
 def find_sites(model: nn.Module) -> tuple[list[Site], str]:
@@ -101,7 +113,7 @@ def find_sites(model: nn.Module) -> tuple[list[Site], str]:
     sites = []
     for name, m in norms:
         post, label = posts.get(name, (None, "-"))
-        sites.append(Site(name, m, post, label, channel_last(m)))
+        sites.append(Site(name, m, post, label, token_width(m)))
     return sites, how
 
 
