@@ -124,6 +124,7 @@ def figure_teacher(out: Path, distill_steps: int) -> None:
     full = ns.convert(teacher, "gn+ws", input_shape=(2, 1, 16, 16)).model
     part = ns.convert(teacher, "gn+ws", input_shape=(2, 1, 16, 16), keep=("1",)).model
     results = {}
+    print(f"\n(c) teacher: the BN CNN, test acc {ns.evaluate(teacher, 'digits:test')['accuracy']:.3f}")
     for label, m in (("gn+ws (all layers)", full), ("gn+ws (BN 1 kept)", part)):
         results[label] = r = ns.diagnose(m, "digits:test", teacher=teacher)
         acc = ns.evaluate(m, "digits:test")["accuracy"]
