@@ -199,3 +199,16 @@ def test_channel_dim_of_token_and_channels_first_layer_norms():
     conv = nn.Sequential(nn.Conv2d(2, 3, 1), LayerNorm2d(3))  # LayerNorm over dim 1 of (N, C, H, W)
     row = ns.diagnose(conv, data()).layers[0]
     assert row["channels"] == 3
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"noise_seed": 3}, "--noise-seed needs --noise"),
+    ({"noise": "weight:0.1", "noise_samples": 2}, "--noise-samples"),
+    ({"noise": "weight:0.1", "noise_mode": "sometimes"}, "--noise-mode"),
+])
+def test_noise_options_checked_like_recalibrate(kwargs, needle):
+    from normsurgeon.calibrate.noise import NoiseSpecError
+
+    for fn in (ns.diagnose, ns.recalibrate):
+        with pytest.raises(NoiseSpecError, match=needle):
+            fn(small_cnn(), data(), **kwargs)
