@@ -32,7 +32,7 @@ def test_pooled_figures_equal_direct_computation_and_do_not_depend_on_batch_size
     for a, b in zip(rows, again):
         for k, v in a.items():
             if isinstance(v, float):
-                assert v == pytest.approx(b[k], rel=1e-9, abs=1e-12), k
+                assert v == pytest.approx(b[k], rel=1e-6, abs=1e-9), k  # float32 partials, float64 pooling
     with torch.no_grad():
         c1 = model[0](x)
         y1 = model[1](c1)

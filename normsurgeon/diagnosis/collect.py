@@ -8,12 +8,15 @@ output (after the activation, see :mod:`normsurgeon.diagnosis.sites`):
   would load, for the staleness measure;
 - ``out`` / ``act``: per-channel sums of ``y`` / ``a`` over samples and positions;
 - ``sample_mean`` / ``sample_std``: sums over samples of the per-sample channel means / standard
-  deviations of ``y`` (computed in float64);
+  deviations of ``y``;
 - ``features``: the per-sample channel means of ``a`` (``(N, C)``, float64), kept only when a
   teacher is compared.
 
 Everything is pooled in float64 by :class:`~normsurgeon.calibrate.stats.PooledMoments` (exact sums,
-no average of per-batch figures), so the result does not depend on the batch size.
+no average of per-batch figures), so the result does not depend on the batch size. As in
+recalibration, partial reductions (one sample's positions) are taken in the activation's dtype
+(~1e-7 relative in float32) and everything after that in float64; no float64 copy of an activation
+is made.
 """
 from __future__ import annotations
 
@@ -88,7 +91,7 @@ class Hooks:
                 a3 = channels_first(a, cl)
                 _add(st.act, a3)
                 if st.features is not None:
-                    st.features.append(a3.mean(dim=2).cpu())
+                    st.features.append(a3.mean(dim=2).double().cpu())
             return None
 
         return hook

@@ -38,21 +38,25 @@ def _ratio(num: torch.Tensor | float, den: torch.Tensor | float) -> float:
 
 
 def channels_first(y: torch.Tensor, channel_last: bool = False) -> torch.Tensor:
-    """``y`` as ``(N, C, positions)`` float64 (channel dim moved to 1 when ``channel_last``)."""
+    """``y`` as ``(N, C, positions)`` in its own dtype (float32 for half types; channel dim moved to 1
+    when ``channel_last``). No float64 copy of a large activation is made: reductions of it give
+    per-sample / per-channel partials that are pooled in float64."""
     y = y.detach()
     if y.dim() == 1:
         y = y.unsqueeze(1)
     if channel_last and y.dim() > 2:
         y = y.movedim(-1, 1)
-    return y.reshape(y.shape[0], y.shape[1], -1).double()
+    if y.dtype in (torch.float16, torch.bfloat16):
+        y = y.float()
+    return y.reshape(y.shape[0], y.shape[1], -1)
 
 
 def per_sample_stats(y: torch.Tensor, channel_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample channel means and population standard deviations over positions, ``(N, C)`` each."""
+    """Per-sample channel means and population standard deviations over positions, ``(N, C)`` float64
+    (computed in the activation's dtype by torch's two-pass ``var_mean``, then widened)."""
     v = channels_first(y, channel_last)
-    m = v.mean(dim=2)
-    s = (v - m.unsqueeze(2)).square().mean(dim=2).sqrt()
-    return m, s
+    var, m = torch.var_mean(v, dim=2, correction=0)
+    return m.double(), var.double().sqrt()
 
 
 def staleness(mean_data: torch.Tensor, var_data: torch.Tensor, mean_run: torch.Tensor, var_run: torch.Tensor,
