@@ -212,3 +212,17 @@ def test_noise_options_checked_like_recalibrate(kwargs, needle):
     for fn in (ns.diagnose, ns.recalibrate):
         with pytest.raises(NoiseSpecError, match=needle):
             fn(small_cnn(), data(), **kwargs)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_model_gives_the_cpu_figures():
+    model = randomize_norm_stats(small_cnn())
+    x = data(40)
+    cpu = ns.diagnose(model, x, teacher=model, noise="weight:0.1").layers
+    gpu = ns.diagnose(copy.deepcopy(model).cuda(), x, teacher=copy.deepcopy(model).cuda(), noise="weight:0.1").layers
+    for a, b in zip(cpu, gpu):
+        assert a["verdict"] == b["verdict"]
+        for k, v in a.items():
+            if isinstance(v, float):
+                assert v == pytest.approx(b[k], rel=1e-3, abs=1e-5), k
