@@ -90,7 +90,8 @@ def diagnose(
     check_fits(student, dataset)
     stats, how = _site_stats(student, "the model")
     keep = teacher is not None
-    tstats, pairs = [], []
+    tstats: list[SiteStats] = []
+    pairs: dict[str, SiteStats] = {}
     if keep:
         if not isinstance(teacher, nn.Module):
             raise DataError(f"teacher must be a torch.nn.Module, not {type(teacher).__name__}")
@@ -100,9 +101,10 @@ def diagnose(
     device, dtype = model_device_dtype(student)
     noisy = WeightNoise(student, spec) if spec is not None else None
     hooks = Hooks(stats, keep_features=keep)
-    thooks = Hooks(tstats, keep_features=True) if keep else None
+    thooks = None
     start = time.perf_counter()
     try:
+        thooks = Hooks(tstats, keep_features=True) if keep else None
         with torch.no_grad():
             if noisy is not None and noise_mode == "fixed":
                 noisy.apply(*fixed_stream(seed))
@@ -114,7 +116,10 @@ def diagnose(
                     run_model(student, x.to(device=device, dtype=dtype))
                 if keep:
                     tdev, tdtype = model_device_dtype(teacher)
-                    run_model(teacher, x.to(device=tdev, dtype=tdtype))
+                    try:
+                        run_model(teacher, x.to(device=tdev, dtype=tdtype))
+                    except DataError as e:
+                        raise DataError(f"--teacher: {e}") from None
                 if progress is not None:
                     progress(int(x.shape[0]))
     finally:
