@@ -11,6 +11,12 @@ one user, an elementwise activation module or function, reached through dropout/
 ``ProxyNorm`` right after it joins the block). Where fx cannot trace, the next module in
 registration order is taken when it is an activation. Without either, the block output is the
 norm's own output (e.g. a ResNet's last BN before the residual add).
+
+The hook sits on the norm only: its forward hook applies the block (``Site.post``) to the norm's
+output itself. A hook on the activation module would not do: torchvision's ResNet blocks call one
+``ReLU`` module twice (after ``bn1`` and after the residual add), so its calls cannot be told apart.
+Activations are elementwise and stateless, so applying them again gives the values the model
+computes (in-place ones run on a copy).
 """
 from __future__ import annotations
 
