@@ -10,7 +10,7 @@ from pathlib import Path
 from normsurgeon.diagnosis.output import write_bytes
 from normsurgeon.diagnosis.plot import figure_png
 
-COLUMNS = (("name", "layer"), ("kind", "norm"), ("activation", "activation"), ("shift_max", "shift max"),
+COLUMNS = (("depth", "#"), ("name", "layer"), ("kind", "norm"), ("activation", "activation"), ("shift_max", "shift max"),
            ("shift_mean", "shift mean"), ("log_var_max", "log var max"), ("collapse", "collapse"),
            ("collapse_pre", "collapse (norm out)"), ("flat", "constant ch."), ("instance_mean", "inst. means"),
            ("instance_std", "inst. stds"), ("dead", "dead ch."), ("cka", "CKA"), ("cosine", "cosine"),
@@ -23,7 +23,8 @@ document.querySelectorAll('th').forEach(function (th, col) {
     var rows = Array.from(body.rows);
     rows.sort(function (a, b) {
       var x = a.cells[col].dataset.v, y = b.cells[col].dataset.v, nx = parseFloat(x), ny = parseFloat(y);
-      var r = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+      var numeric = th.dataset.text !== '1' && !isNaN(nx) && !isNaN(ny);
+      var r = numeric ? nx - ny : x.localeCompare(y, undefined, {numeric: true});
       return asc ? r : -r;
     });
     rows.forEach(function (r) { body.appendChild(r); });
@@ -34,7 +35,7 @@ document.querySelectorAll('th').forEach(function (th, col) {
 
 STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;font-size:13px}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}th{cursor:pointer;background:#f0f0f0}
-td:first-child,td:nth-child(2),td:nth-child(3),td:last-child{text-align:left}
+td:nth-child(2),td:nth-child(3),td:nth-child(4),td:last-child{text-align:left}
 .recalibrate{background:#fff3cd}.collapsed{background:#e2e3f5}.dead{background:#f8d7da}.diverged{background:#f5c6cb}
 img{max-width:100%}"""
 
@@ -51,7 +52,9 @@ def page(result, title: str = "normsurgeon diagnose", results: dict | None = Non
     """The HTML text for one result (the figure may overlay several: ``results``)."""
     png = base64.b64encode(figure_png(results or {"model": result})).decode("ascii")
     info = {k: v for k, v in result.report.items() if k != "layers"}
-    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in COLUMNS)
+    text = ("name", "kind", "activation", "verdict", "reason")  # sorted as text (layer "3.bn1" is no number)
+    head = "".join(('<th data-text="1">' if key in text else "<th>") + html.escape(label) + "</th>"
+                   for key, label in COLUMNS)
     body = []
     for row in result.layers:
         cells = []
