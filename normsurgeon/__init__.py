@@ -12,6 +12,7 @@ Public API (each CLI verb is a thin layer over one of these)::
     evaluate(model, data, ...) -> dict
     export_onnx(model, path, ...) -> ExportReport
     bench(model, ...) -> BenchReport
+    diagnose(model, data, teacher=None, ...) -> DiagnoseResult
 
 Attributes are imported lazily so ``import normsurgeon`` (and ``normsurgeon --help``) stay fast.
 """
@@ -32,6 +33,8 @@ _API = {
     "evaluate": "normsurgeon.calibrate.evaluate",
     "export_onnx": "normsurgeon.deploy.export",
     "bench": "normsurgeon.deploy.bench",
+    "diagnose": "normsurgeon.diagnosis",
+    "DiagnoseResult": "normsurgeon.diagnosis",
     "NormSurgeonError": "normsurgeon.errors",
     "Change": "normsurgeon.report",
     "SurgeryResult": "normsurgeon.report",

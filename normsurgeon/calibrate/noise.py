@@ -149,3 +149,21 @@ def noise_instance(model: nn.Module, spec: "str | NoiseSpec", seed: int) -> dict
         return {}
     wn = WeightNoise(model, spec)
     return {name: eps for (name, _), eps in zip(wn.targets, wn.draw(*fixed_stream(seed)))}
+
+
+def resolve_noise(noise, noise_mode: str = "fixed", noise_seed: int | None = None,
+                  noise_samples: int = 1) -> tuple[NoiseSpec | None, int, int]:
+    """Check the --noise* options together (the rules ``recalibrate`` applies): ``(spec, seed, draws)``
+    with ``draws`` the forward passes per batch (K in resample mode, else 1)."""
+    spec = parse_noise(noise)
+    if noise_mode not in NOISE_MODES:
+        raise NoiseSpecError(f"bad --noise-mode {noise_mode!r}: use fixed or resample")
+    seed = check_seed(noise_seed, spec)
+    if isinstance(noise_samples, bool) or not isinstance(noise_samples, int) or noise_samples < 1:
+        raise NoiseSpecError(f"bad --noise-samples {noise_samples!r}: use an integer >= 1")
+    if spec is None and (noise_mode != "fixed" or noise_samples != 1):
+        raise NoiseSpecError("--noise-mode/--noise-samples need --noise weight:ETA")
+    if noise_mode == "fixed" and noise_samples != 1:
+        raise NoiseSpecError("--noise-samples applies to --noise-mode resample: one fixed instance gives the "
+                             "same statistics at every draw")
+    return spec, seed, (noise_samples if spec is not None and noise_mode == "resample" else 1)

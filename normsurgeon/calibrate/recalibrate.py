@@ -44,9 +44,7 @@ from normsurgeon import provenance
 from normsurgeon.calibrate.collect import Collection
 from normsurgeon.calibrate.data import as_dataset
 from normsurgeon.calibrate.distributed import all_reduce_sum, rank_world
-from normsurgeon.calibrate.noise import (
-    NOISE_MODES, NoiseSpecError, WeightNoise, check_seed, fixed_stream, parse_noise, resample_stream,
-)
+from normsurgeon.calibrate.noise import WeightNoise, fixed_stream, resample_stream, resolve_noise
 from normsurgeon.calibrate.plan import check_fits, make_plan, model_device_dtype, run_model
 from normsurgeon.calibrate.protocol import BatchNormStats, find_stat_layers
 from normsurgeon.calibrate.stats import PooledMoments
@@ -90,18 +88,7 @@ def recalibrate(
     changed. Under an initialized ``torch.distributed`` process group the batches are sharded across
     ranks and the sums all-reduced; every rank returns the same model.
     """
-    spec = parse_noise(noise)
-    if noise_mode not in NOISE_MODES:
-        raise NoiseSpecError(f"bad --noise-mode {noise_mode!r}: use fixed or resample")
-    noise_seed = check_seed(noise_seed, spec)
-    if isinstance(noise_samples, bool) or not isinstance(noise_samples, int) or noise_samples < 1:
-        raise NoiseSpecError(f"bad --noise-samples {noise_samples!r}: use an integer >= 1")
-    if spec is None and (noise_mode != "fixed" or noise_samples != 1):
-        raise NoiseSpecError("--noise-mode/--noise-samples need --noise weight:ETA")
-    if noise_mode == "fixed" and noise_samples != 1:
-        raise NoiseSpecError("--noise-samples applies to --noise-mode resample: one fixed instance gives the "
-                             "same statistics at every draw")
-    draws = noise_samples if spec is not None and noise_mode == "resample" else 1
+    spec, noise_seed, draws = resolve_noise(noise, noise_mode, noise_seed, noise_samples)
 
     dataset = as_dataset(data, image_size=image_size, mean=mean, std=std)
     plan = make_plan(len(dataset), batch_size, batches=batches, samples=samples, shuffle=shuffle)
