@@ -22,14 +22,14 @@ from typing import Callable, Iterator
 
 from normsurgeon.errors import EnvironmentProblem, OutputExistsError
 
-OUTPUT_KINDS = ("model", "onnx")
+OUTPUT_KINDS = ("model", "onnx", "any")
 _TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp(dir)?")
 
 
 def check_output(path: str | os.PathLike, force: bool = False, kind: str = "model") -> Path:
     """Fail early (before any work) if ``path`` exists without ``force``, is a folder, or its extension
-    does not fit ``kind``: "model" (a PyTorch model, anything but .onnx) or "onnx". A missing folder is
-    not an error: :func:`publish` creates it."""
+    does not fit ``kind``: "model" (a PyTorch model, anything but .onnx), "onnx", or "any" (reports). A
+    missing folder is not an error: :func:`publish` creates it."""
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"kind must be one of {OUTPUT_KINDS}, not {kind!r}")
     out = Path(path)

@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
         std: Optional[str] = typer.Option(None, "--std", help="Image folders: per-channel std (default ImageNet's)."),
         weights: Optional[str] = common.weights_opt(),
         trust_pickle: bool = common.trust_opt(),
+        trust_code: bool = common.trust_code_opt(),
         force: bool = common.force_opt(),
         as_json: bool = common.json_opt(),
     ) -> None:
@@ -48,8 +49,8 @@ def register(app: typer.Typer) -> None:
             need_matplotlib()
         png = check_report_path(plot, ".png", "--plot", force) if plot is not None else None
         page = check_report_path(html_out, ".html", "--html", force) if html_out is not None else None
-        m = common.load(model, weights, trust_pickle)
-        t = common.load(teacher, None, trust_pickle) if teacher is not None else None
+        m = common.load(model, weights, trust_pickle, trust_code)
+        t = common.load(teacher, None, trust_pickle, trust_code) if teacher is not None else None
         dataset = load_data(data, image_size=image_size, mean=mean_t, std=std_t)
         total = len(dataset) if samples is None else min(max(samples, 0), len(dataset))
         bar, advance = progress_bar(total, "diagnosing")
@@ -57,18 +58,18 @@ def register(app: typer.Typer) -> None:
             result = diagnose(m, dataset, t, samples=samples, batch_size=batch_size, noise=noise,
                               noise_mode=noise_mode, noise_seed=noise_seed, noise_samples=noise_samples,
                               progress=advance)
-        _write(result, png, page, model)
+        _write(result, png, page, model, force)
         _render(result, as_json, model, png, page)
 
 
-def _write(result, png, page, model: str) -> None:
+def _write(result, png, page, model: str, force: bool) -> None:
     from normsurgeon.diagnosis.html import write_html
     from normsurgeon.diagnosis.plot import write_png
 
     if png is not None:
-        write_png({model: result}, png, title=f"diagnose {model}")
+        write_png({model: result}, png, title=f"diagnose {model}", force=force)
     if page is not None:
-        write_html(result, page, title=f"normsurgeon diagnose {model}")
+        write_html(result, page, title=f"normsurgeon diagnose {model}", force=force)
 
 
 def _render(result, as_json: bool, model: str, png, page) -> None:

@@ -72,5 +72,6 @@ def page(result, title: str = "normsurgeon diagnose", results: dict | None = Non
             f"<script>{SORT_JS}</script></body></html>\n")
 
 
-def write_html(result, path: str | Path, title: str = "normsurgeon diagnose") -> Path:
-    return write_bytes(Path(path), page(result, title).encode("utf-8"))
+def write_html(result, path: str | Path, title: str = "normsurgeon diagnose", force: bool = True) -> Path:
+    """Write the page atomically to ``path`` (an existing file only with ``force``)."""
+    return write_bytes(Path(path), page(result, title).encode("utf-8"), force)

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from normsurgeon.errors import DependencyError, OutputExistsError
-from normsurgeon.model_io import _atomic
+from normsurgeon.publish import check_output, publish
 
 PLOT_EXTRA = "pip install 'normsurgeon[plot]'"
 
@@ -19,24 +19,18 @@ def need_matplotlib() -> None:
 
 
 def check_report_path(path: str | os.PathLike, suffix: str, flag: str, force: bool = False) -> Path:
-    """Refuse a wrong extension, a missing folder, a directory, or an existing file without ``force``."""
+    """Refuse a wrong extension, a directory, or an existing file without ``force`` (before any work)."""
     out = Path(path)
     if out.suffix.lower() != suffix:
         raise OutputExistsError(f"{flag} writes {suffix[1:].upper()}: name the file *{suffix}, not {out.name}")
-    if out.is_dir():
-        raise OutputExistsError(f"{out} is a directory; give a file name")
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force to overwrite it")
-    if not out.parent.exists():
-        raise OutputExistsError(f"folder {out.parent} does not exist; create it first")
-    return out
+    return check_output(out, force, kind="any")
 
 
-def write_bytes(out: Path, data: bytes) -> Path:
-    """Write ``data`` to ``out`` atomically (a temporary file in the same folder, then a rename)."""
+def write_bytes(out: Path, data: bytes, force: bool = True) -> Path:
+    """Write ``data`` to ``out`` atomically (:func:`normsurgeon.publish.publish`); without ``force`` a
+    file already at ``out`` is left alone."""
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
 
-    _atomic(Path(out), write)
-    return Path(out)
+    return publish(Path(out), write, force)

@@ -83,6 +83,7 @@ def figure_png(results: dict, title: str = "", panels: tuple[str, ...] | None = 
     return buf.getvalue()
 
 
-def write_png(results: dict, path: str | Path, title: str = "", panels: tuple[str, ...] | None = None) -> Path:
-    """Write the figure atomically to ``path``."""
-    return write_bytes(Path(path), figure_png(results, title, panels))
+def write_png(results: dict, path: str | Path, title: str = "", panels: tuple[str, ...] | None = None,
+              force: bool = True) -> Path:
+    """Write the figure atomically to ``path`` (an existing file only with ``force``)."""
+    return write_bytes(Path(path), figure_png(results, title, panels), force)
