@@ -12,6 +12,9 @@ Public API (each CLI verb is a thin layer over one of these)::
     evaluate(model, data, ...) -> dict
     export_onnx(model, path, ...) -> ExportReport
     bench(model, ...) -> BenchReport
+
+Every error a user can cause is a :class:`NormSurgeonError` subclass from :mod:`normsurgeon.errors`
+(also exported here); its ``exit_code`` is what the command line exits with.
     diagnose(model, data, teacher=None, ...) -> DiagnoseResult
 
 Attributes are imported lazily so ``import normsurgeon`` (and ``normsurgeon --help``) stay fast.
@@ -36,11 +39,19 @@ _API = {
     "diagnose": "normsurgeon.diagnosis",
     "DiagnoseResult": "normsurgeon.diagnosis",
     "NormSurgeonError": "normsurgeon.errors",
+    **{name: "normsurgeon.errors" for name in (
+        "ModelSpecError", "ProbeError", "ManifestError", "UntrustedCodeError", "UntrustedPickleError", "RecipeError",
+        "PatternError", "TraceError", "OutputExistsError", "DataError", "VerificationError", "ExportError",
+        "NothingToRecalibrateError", "NoNormLayersError", "NoiseSpecError", "DependencyError", "EnvironmentProblem")},
     "Change": "normsurgeon.report",
     "SurgeryResult": "normsurgeon.report",
 }
 
 __all__ = sorted(_API) + ["__version__"]
+
+
+def __dir__() -> list[str]:  # the public API (lazy attributes included) for dir() and tab completion
+    return sorted(set(__all__) | {"provenance"})
 
 
 def __getattr__(name: str):

@@ -33,6 +33,10 @@ class ModelSpecError(NormSurgeonError):
     """The MODEL argument names nothing loadable (bad path, unknown zoo name, bad factory)."""
 
 
+class ProbeError(ModelSpecError):
+    """The model raised when run on the probe input (wrong shape, several inputs, ...)."""
+
+
 class ManifestError(ModelSpecError):
     """A model file's manifest is malformed or records something normsurgeon will not replay."""
 
@@ -69,6 +73,22 @@ class VerificationError(NormSurgeonError):
     """A rewrite changed the function more than the tolerance allows (only raised under --verify)."""
 
     exit_code = 3
+
+
+class ExportError(NormSurgeonError):
+    """torch.onnx could not export the model."""
+
+
+class NothingToRecalibrateError(NormSurgeonError):
+    """The model has no layer with running statistics."""
+
+
+class NoNormLayersError(NormSurgeonError):
+    """The model has no normalization layer to diagnose."""
+
+
+class NoiseSpecError(NormSurgeonError):
+    """A bad --noise / --noise-mode / --noise-seed / --noise-samples value."""
 
 
 class DependencyError(NormSurgeonError):

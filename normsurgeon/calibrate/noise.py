@@ -30,13 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from normsurgeon.errors import NormSurgeonError
+from normsurgeon.errors import NoiseSpecError
 
 NOISE_MODES = ("fixed", "resample")
-
-
-class NoiseSpecError(NormSurgeonError):
-    """A bad --noise / --noise-mode / --noise-seed / --noise-samples value."""
 
 
 @dataclass(frozen=True)

@@ -46,18 +46,14 @@ from normsurgeon.calibrate.data import as_dataset
 from normsurgeon.calibrate.distributed import all_reduce_sum, rank_world
 from normsurgeon.calibrate.noise import WeightNoise, fixed_stream, resample_stream, resolve_noise
 from normsurgeon.calibrate.plan import check_fits, make_plan, model_device_dtype, run_model
-from normsurgeon.calibrate.protocol import BatchNormStats, find_stat_layers
+from normsurgeon.calibrate.protocol import find_stat_layers
 from normsurgeon.calibrate.stats import PooledMoments
-from normsurgeon.errors import DataError, NormSurgeonError, VerificationError
+from normsurgeon.errors import DataError, VerificationError, NothingToRecalibrateError
 from normsurgeon.graph.verify import compare
 from normsurgeon.report import Change, SurgeryResult, Verification
 
 DEFAULT_BATCH_SIZE = 32
 STAT_BUFFERS = ("running_mean", "running_var", "running_sq_mean", "num_batches_tracked")
-
-
-class NothingToRecalibrateError(NormSurgeonError):
-    """The model has no layer with running statistics."""
 
 
 def recalibrate(

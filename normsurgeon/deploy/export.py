@@ -23,17 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normsurgeon.errors import NormSurgeonError, VerificationError, first_line
+from normsurgeon.errors import VerificationError, first_line, ExportError
 
 EXTERNAL_DATA_BYTES = 1536 << 20  # above this the weights go to PATH.data (protobuf's limit is 2 GiB)
 TOLERANCE = {False: 1e-4, True: 1e-2}  # max |ort - torch| / max |torch|, fp32 / fp16
 EXPORTERS = ("auto", "dynamo", "torchscript")
 DYNAMO_MIN_OPSET = 18  # torch's dynamo exporter writes opset >= 18 (it silently upgrades lower requests)
 TORCHSCRIPT_MAX_OPSET = 20
-
-
-class ExportError(NormSurgeonError):
-    """torch.onnx could not export the model."""
 
 
 @dataclass

@@ -29,13 +29,9 @@ from normsurgeon.diagnosis import measures as M
 from normsurgeon.diagnosis.collect import Hooks, SiteStats
 from normsurgeon.diagnosis.sites import find_sites
 from normsurgeon.diagnosis.verdicts import VERDICTS, thresholds, verdict
-from normsurgeon.errors import DataError, NormSurgeonError
+from normsurgeon.errors import DataError, NoNormLayersError
 
 DEFAULT_BATCH_SIZE = 64
-
-
-class NoNormLayersError(NormSurgeonError):
-    """The model has no normalization layer to diagnose."""
 
 
 @dataclass

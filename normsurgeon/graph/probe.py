@@ -10,11 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from normsurgeon.errors import ModelSpecError
-
-
-class ProbeError(ModelSpecError):
-    """The model raised when run on the probe input (wrong shape, several inputs, ...)."""
+from normsurgeon.errors import ModelSpecError, ProbeError
 
 
 def _first_line(e: BaseException) -> str:
