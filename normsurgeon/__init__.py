@@ -35,6 +35,10 @@ _API = {
     "NormSurgeonError": "normsurgeon.errors",
     "Change": "normsurgeon.report",
     "SurgeryResult": "normsurgeon.report",
+    "CrossIterationBatchNorm": "normsurgeon.layers",
+    "BatchKalmanNorm": "normsurgeon.layers",
+    "InstanceEnhancedBatchNorm": "normsurgeon.layers",
+    "DAIN": "normsurgeon.layers",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         ws_form: str = typer.Option("var", "--ws-form", help="Weight standardization sigma: var = sqrt(var+eps), std = std+eps."),
         verify: bool = typer.Option(False, "--verify", help="Fail if frozen changes outputs or the result is batch-dependent."),
         init: Optional[str] = typer.Option(None, "--init", help="Re-initialize norm affines for training from scratch: revisited (gamma 0.1, beta 0; Davis & Frank)."),
-        input_norm: bool = typer.Option(False, "--input-norm", help="Prepend an online BN-based input normalization layer (gamma 0.058, beta frozen at 0)."),
+        input_norm: Optional[str] = typer.Option(None, "--input-norm", flag_value="bn", show_default=False, help="Prepend input normalization: bare or 'bn' = online BN-based layer (gamma 0.058, beta frozen at 0); 'dain' = DAIN adaptive normalization for (N, C, L) sequences."),
         force: bool = common.force_opt(),
         as_json: bool = common.json_opt(),
     ) -> None:
@@ -54,6 +54,9 @@ def register(app: typer.Typer) -> None:
         from normsurgeon.passes.train_options import check_init
 
         check_init(init)
+        from normsurgeon.passes.train_options import input_norm_kind
+
+        input_norm_kind(input_norm)
         shape = parse_shape(input_shape)  # bad shapes fail before the model is built
         check_output(output, force)
         m = common.load(model, weights, trust_pickle)

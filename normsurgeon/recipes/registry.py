@@ -8,7 +8,7 @@ from typing import Any, Callable
 from normsurgeon.errors import RecipeError
 
 # Modules whose import registers recipes. Order is the order ``--help`` lists them.
-_BUILTIN_MODULES = ("normsurgeon.recipes.basic", "normsurgeon.recipes.seed")
+_BUILTIN_MODULES = ("normsurgeon.recipes.basic", "normsurgeon.recipes.seed", "normsurgeon.recipes.iteration")
 _REGISTRY: dict[str, "RecipeEntry"] = {}
 _LOADED = False
 
