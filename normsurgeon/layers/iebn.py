@@ -62,16 +62,14 @@ class IEBNGate(nn.Module):
         self.register_buffer("gate_scale", torch.zeros(num_features))
         self.register_buffer("gate_shift", torch.full((num_features,), IEBN_GATE_BIAS))
 
-    def gated(self, u: torch.Tensor, gap_x: torch.Tensor) -> torch.Tensor:
-        """The training form: gate from the raw input's GAP ``gap_x`` (N, C)."""
-        g = torch.sigmoid(gap_x * self.gate_weight + self.gate_bias)
+    def gated(self, u: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``weight * u * sigmoid(logits) + bias`` with per-instance gate logits (N, C)."""
+        g = torch.sigmoid(logits)
         shape = (g.shape[0], -1) + (1,) * (u.dim() - 2)
         return u * (self.weight * g).reshape(shape) + self.bias.reshape(channel_shape(u))
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        g = torch.sigmoid(_gap(u) * self.gate_scale + self.gate_shift)
-        shape = (g.shape[0], -1) + (1,) * (u.dim() - 2)
-        return u * (self.weight * g).reshape(shape) + self.bias.reshape(channel_shape(u))
+        return self.gated(u, _gap(u) * self.gate_scale + self.gate_shift)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}"
@@ -99,10 +97,12 @@ class InstanceEnhancedBatchNorm(MeanVarMoments, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = F.batch_norm(x, self.running_mean, self.running_var, None, None, self.training, self.momentum, self.eps)
+        w, b = self.act.gate_weight, self.act.gate_bias
         if self.training:
-            return self.act.gated(u, _gap(x))
-        self.sync_gate()
-        return self.act(u)
+            return self.act.gated(u, _gap(x) * w + b)
+        # eval: the same gate in normalized coordinates (what the folded IEBNGate computes)
+        sigma = torch.sqrt(self.running_var + self.eps)
+        return self.act.gated(u, _gap(u) * (w * sigma) + (w * self.running_mean + b))
 
     @torch.no_grad()
     def sync_gate(self) -> None:
