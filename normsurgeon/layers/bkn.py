@@ -33,9 +33,15 @@ the input channels of this layer's producing conv (set at construction). Otherwi
 layer, the prior is the running estimate alone. Safety rule from the authors' code: when the prior
 variance averages >= 100 times the observed one the observation is used alone.
 
-Constants: gain q = 0.1 (the authors' code mixes ``p_rate = 0.9`` of the prior), momentum 0.1 (their
-EMA decay 0.9) applied to the posterior, eps 1e-5. Eval: running statistics, a constant per-channel
-affine that folds like BN; recalibration protocol as BN (population variance).
+Constants. Gain q = 0.5, a normsurgeon choice: the authors' code mixes ``p_rate = 0.9`` of the prior
+(q = 0.1), but its prior is pushed through the current conv weights, while the prior here starts from
+running estimates that lag the weights; with q = 0.1 the digits CNN trained at batch 2 reached 0.14
+test accuracy after 150 steps against 0.58 with q = 0.5 and 0.47 with q = 1 (plain BN), measured with
+tests/layers_train.py (lr 0.02). Running estimates: an EMA (momentum 0.1, the authors' decay 0.9) of
+the *observed* batch statistics, as BN keeps them (the authors average the posterior; with a prior
+built from the running estimates that feeds back on itself and lagged far behind the population
+statistics in the same test). eps 1e-5. Eval: running statistics, a constant per-channel affine that
+folds like BN; recalibration protocol as BN (population variance).
 """
 from __future__ import annotations
 
@@ -47,7 +53,7 @@ from torch import nn
 
 from normsurgeon.layers.moments import MeanVarMoments, channel_shape
 
-BKN_GAIN = 0.1  # authors' code: p_rate = 0.9 on the prior, 0.1 on the micro-batch
+BKN_GAIN = 0.5  # normsurgeon choice (authors' code: 0.1, i.e. p_rate = 0.9 on the prior); see docstring
 BKN_MOMENTUM = 0.1  # authors' code: EMA decay 0.9
 BKN_EPS = 1e-5
 BKN_PRIOR_RATIO = 100.0  # authors' code: prior ignored when mean(prior var / batch var) >= 100
@@ -124,8 +130,8 @@ class BatchKalmanNorm(MeanVarMoments, nn.Module):
         with torch.no_grad():
             m_old, v_old = self.running_mean.clone(), self.running_var.clone()
             k = self.momentum
-            self.running_mean.mul_(1 - k).add_(k * mu.detach().to(m_old.dtype))
-            self.running_var.mul_(1 - k).add_(k * var.detach().to(v_old.dtype))
+            self.running_mean.mul_(1 - k).add_(k * xbar.detach().to(m_old.dtype))  # the observation, as BN
+            self.running_var.mul_(1 - k).add_(k * s.detach().to(v_old.dtype))
             d = (mu.detach() - m_old) / torch.sqrt(v_old + self.eps)
             e = torch.log(var.detach() + self.eps) - torch.log(v_old + self.eps)
             _last.record = (self.serial, self.num_features, d, e)

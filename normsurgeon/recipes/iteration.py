@@ -3,7 +3,7 @@ BN (``cbn``), Batch Kalman Normalization (``bkn``) and instance-enhancement BN (
 constants: the layer modules (normsurgeon/layers/cbn.py, bkn.py, iebn.py) and docs/recipes.md.
 
 Options (``convert(..., **options)``): ``cbn_burnin`` (plain-BN iterations before pooling, default 100),
-``bkn_gain`` (weight of the micro-batch in the Kalman update, default 0.1).
+``bkn_gain`` (weight of the micro-batch in the Kalman update, default 0.5).
 """
 from __future__ import annotations
 
