@@ -70,7 +70,7 @@ def test_save_load_round_trip(tmp_path, recipe):
         mods = {id(m) for m in back.modules()}  # the compensation links are rebuilt by the replayed convert
         cbns = [m for m in back.modules() if isinstance(m, CrossIterationBatchNorm)]
         assert len(cbns) == 15 and all(id(m.producer) in mods for m in cbns)
-        assert back.bn1.producer is back.conv1[6]
+        assert back.bn1.producer is back.get_submodule("conv1.6")
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
