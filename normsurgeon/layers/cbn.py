@@ -26,7 +26,8 @@ held by reference, not as a child, so the model's module tree and state dict are
 one (or when the producer's weights do not require grad) the window is pooled without compensation.
 
 Eval: running statistics (momentum 0.1, updated with the current batch's mean and unbiased variance as
-in the reference), a constant per-channel affine, so it folds like BN. Recalibration protocol: running_mean/running_var, population variance.
+in the reference), a constant per-channel affine, so it folds like BN. Recalibration protocol:
+running_mean/running_var, population variance.
 
 Constants: eps 1e-5 and momentum 0.1 as in the reference (``CBatchNorm2d`` defaults). ``window`` 8 and
 ``burnin`` 100 iterations are **not verified** against the paper's text: the reference's defaults are
@@ -35,10 +36,9 @@ burn-ins counted in epochs; 8 (k = 8) and 100 iterations are normsurgeon choices
 Differences from the reference, on purpose: ``max(nu, mu^2)`` per iteration as in the paper (the
 reference drops iterations whose compensated variance is negative), eps inside the square root (the
 reference's default adds it to the standard deviation), and iterations stored from the first
-post-burn-in step. (Updating the running statistics with the pooled statistics instead was tried and
-is worse: the first-order term misses the always-positive second-order part of E[x^2], so pooled
-variances run low; on the digits CNN at batch 2 that cost most of the test accuracy until a
-recalibration.)
+post-burn-in step. The first-order term misses the (always positive) second-order part of E[x^2],
+so with large weight steps pooled variances run low and the running statistics fit the network
+poorly: recalibrate after a short constant-lr run (benchmarks/microbatch_choices.py).
 """
 from __future__ import annotations
 
@@ -113,6 +113,8 @@ class CrossIterationBatchNorm(MeanVarMoments, nn.Module):
     # ------------------------------------------------------------------ forward
     def _pooled(self, x: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor):
         """(mean, var) pooled over the window; stores this iteration."""
+        if self._store and self._store[0][0].device != mu.device:  # the model moved: stale iterations
+            self._store.clear()
         params = self._params()
         grads_ok = bool(params) and torch.is_grad_enabled() and mu.requires_grad
         if grads_ok:
