@@ -93,3 +93,13 @@ def test_recipe_arguments():
     for bad in ("cbn:0", "cbn:x", "bkn:2", "iebn:1"):
         with pytest.raises(RecipeError):
             parse_recipe(bad)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_revisited_init_reaches_the_new_layers(recipe):
+    from normsurgeon.calibrate.digits_cnn import digits_cnn
+
+    res = normsurgeon.convert(digits_cnn(), recipe, input_shape=(2, 1, 16, 16), init="revisited")
+    layers = [m for m in res.model.modules() if isinstance(m, LAYER[recipe])]
+    assert res.count("initialized") == 3 and len(layers) == 3
+    assert all(torch.all(m.weight == 0.1) and torch.all(m.bias == 0) for m in layers)

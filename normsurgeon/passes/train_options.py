@@ -48,7 +48,8 @@ def _norm_with_scale(m: nn.Module) -> bool:
     import normsurgeon.layers as L
 
     types = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, L.EstimatedBatchNorm, L.ChannelGroupNorm,
-             L.BatchGroupNorm, L.GeneralizedBatchNorm)
+             L.BatchGroupNorm, L.GeneralizedBatchNorm, L.CrossIterationBatchNorm, L.BatchKalmanNorm,
+             L.InstanceEnhancedBatchNorm)
     return isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor)
 
 
