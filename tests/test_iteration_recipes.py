@@ -53,6 +53,17 @@ def test_trains_at_batch_two_batch_independent_at_eval_and_folds(resnet, recipe)
     assert get_entry(recipe).folds == ("partial" if recipe == "iebn" else "yes")
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_conversion_keeps_the_bn_models_eval_function(resnet, recipe):
+    model = normsurgeon.convert(resnet, recipe, input_shape=SHAPE).model.eval()
+    x = torch.randn(SHAPE)
+    with torch.no_grad():
+        assert output_error(resnet.eval()(x), model(x))[1] <= 1e-5
+    if recipe == "cbn":
+        dup = copy.deepcopy(model)  # a copy links each CBN to the copy's conv
+        assert dup.bn1.producer is dup.get_submodule("conv1.6")
+
+
 @pytest.mark.parametrize("recipe", ["cbn", "iebn"])
 def test_save_load_round_trip(tmp_path, recipe):
     conv = normsurgeon.convert(normsurgeon.load_model("timm:test_resnet"), recipe, input_shape=SHAPE,

@@ -67,9 +67,13 @@ def _iebn(ctx: BuildContext) -> Replacement:
     from normsurgeon.layers.iebn import InstanceEnhancedBatchNorm
 
     bn = ctx.bn
+    import torch
+
     layer = InstanceEnhancedBatchNorm(bn.num_features, eps=bn.eps, momentum=_momentum(bn))
     _load_bn(layer, bn)
-    ctx.notes.append("gate w=0, b=-1 (sigmoid(-1) = 0.27 scale at start)")
+    with torch.no_grad():  # w = 0: the gate is the constant sigmoid(b); gamma / sigmoid(b) keeps BN's function
+        layer.weight.div_(torch.sigmoid(layer.act.gate_bias))
+    ctx.notes.append("gate w=0, b=-1 (constant 0.27 at start); gamma divided by 0.27: same function as the BN")
     return Replacement(norm=like_bn(layer, bn))
 
 
