@@ -37,10 +37,11 @@ Constants. Gain q = 0.5, a normsurgeon choice: the authors' code mixes ``p_rate 
 (q = 0.1), but its prior is pushed through the current conv weights, while the prior here starts from
 running estimates that lag the weights; with q = 0.1 the digits CNN trained at batch 2 barely learns
 (benchmarks/microbatch_choices.py: 12.8% test accuracy after 150 steps, against 41.5% with q = 0.5 and
-54.8% with q = 1, i.e. plain BN; 3 seeds). Running estimates: an EMA (momentum 0.1, the authors' decay 0.9) of
-the *observed* batch statistics, as BN keeps them (the authors average the posterior; with a prior
-built from the running estimates that feeds back on itself and lagged far behind the population
-statistics in the same test). eps 1e-5. Eval: running statistics, a constant per-channel affine that
+54.8% with q = 1, i.e. plain BN; 3 seeds). Running estimates: an EMA (momentum 0.1, the authors'
+decay 0.9) of the *observed* batch statistics, as BN keeps them. The authors average the posterior;
+with a prior built from the running estimates that average feeds back on itself (an effective rate of
+q times the momentum) and, in a trial run on the digits CNN, lagged far behind the population
+statistics. eps 1e-5. Eval: running statistics, a constant per-channel affine that
 folds like BN; recalibration protocol as BN (population variance).
 """
 from __future__ import annotations
