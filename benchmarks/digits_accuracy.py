@@ -6,7 +6,9 @@ Every method trains the same small CNN (built with BatchNorm, then converted wit
 0.9, lr = 0.1 * B / 32 (linear scaling, the same rule for every method), cosine decay, weight decay
 1e-4, the same epochs and the same He (kaiming-normal) conv init. ``enorm`` is the CNN without normalization (conv biases) trained with
 ``normsurgeon.training.EqualizeCallback`` (one ENorm sweep after every SGD step, c = 1.1, momentum
-buffers rescaled); ``none`` is that network with plain SGD, for reference.
+buffers rescaled); ``none`` is that network with plain SGD, for reference. ``cbn``, ``bkn`` and ``iebn``
+keep batch statistics in training (cross-iteration BN with its default window 8 and 100 burn-in
+iterations, Batch Kalman Norm, instance-enhancement BN); their rows measure how they cope at batch 2.
 
 Run (about 6 minutes on one CPU thread with the defaults):
 
@@ -22,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-METHODS = ("bn", "gn", "gn+ws", "ln+pn", "gn+pn", "bcn", "bgn", "enorm", "none")
+METHODS = ("bn", "gn", "gn+ws", "ln+pn", "gn+pn", "bcn", "bgn", "cbn", "bkn", "iebn", "enorm", "none")
 
 
 def make_cnn(norm: bool = True) -> nn.Module:

@@ -45,6 +45,10 @@ _API = {
         "NothingToRecalibrateError", "NoNormLayersError", "NoiseSpecError", "DependencyError", "EnvironmentProblem")},
     "Change": "normsurgeon.report",
     "SurgeryResult": "normsurgeon.report",
+    "CrossIterationBatchNorm": "normsurgeon.layers",
+    "BatchKalmanNorm": "normsurgeon.layers",
+    "InstanceEnhancedBatchNorm": "normsurgeon.layers",
+    "DAIN": "normsurgeon.layers",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from normsurgeon.cli import common
 
@@ -15,8 +16,24 @@ def _recipe_epilog() -> str:
     return "Recipes:\n\n" + "\n\n".join(lines)
 
 
+class _ConvertCommand(TyperCommand):
+    """``--input-norm`` takes an optional value: bare ``--input-norm`` means ``--input-norm bn``.
+
+    Typer's parser has no optional-value options, so a bare flag (last, or followed by another option)
+    gets its value inserted before parsing."""
+
+    def parse_args(self, ctx, args):
+        args = list(args)
+        for i, a in enumerate(args):
+            if a == "--":
+                break
+            if a == "--input-norm" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+                args.insert(i + 1, "bn")
+        return super().parse_args(ctx, args)
+
+
 def register(app: typer.Typer) -> None:
-    @app.command("convert", epilog=_recipe_epilog())
+    @app.command("convert", epilog=_recipe_epilog(), cls=_ConvertCommand)
     @common.handle_errors
     def convert_cmd(
         model: str = common.model_arg(),
@@ -31,7 +48,7 @@ def register(app: typer.Typer) -> None:
         ws_form: str = typer.Option("var", "--ws-form", help="Weight standardization sigma: var = sqrt(var+eps), std = std+eps."),
         verify: bool = typer.Option(False, "--verify", help="Fail if frozen changes outputs or the result is batch-dependent."),
         init: Optional[str] = typer.Option(None, "--init", help="Re-initialize norm affines for training from scratch: revisited (gamma 0.1, beta 0; Davis & Frank)."),
-        input_norm: bool = typer.Option(False, "--input-norm", help="Prepend an online BN-based input normalization layer (gamma 0.058, beta frozen at 0)."),
+        input_norm: Optional[str] = typer.Option(None, "--input-norm", show_default=False, metavar="[bn|dain]", help="Prepend input normalization: bare or 'bn' = online BN-based layer (gamma 0.058, beta frozen at 0); 'dain' = DAIN adaptive normalization for (N, C, L) sequences."),
         force: bool = common.force_opt(),
         as_json: bool = common.json_opt(),
     ) -> None:
@@ -55,6 +72,9 @@ def register(app: typer.Typer) -> None:
         from normsurgeon.passes.train_options import check_init
 
         check_init(init)
+        from normsurgeon.passes.train_options import input_norm_kind
+
+        input_norm_kind(input_norm)
         shape = parse_shape(input_shape)  # bad shapes fail before the model is built
         check_output(output, force)
         m = common.load(model, weights, trust_pickle, trust_code)

@@ -10,8 +10,13 @@ Protocols
 configuration, it is not one (example-weighted BN with alpha > 0, batch-group norm whose groups split
 spatial positions).
 
+A layer whose eval function is such an affine followed by something per-instance keeps that rest in
+a child named ``act`` (the extras convention of ``norm_act.bn_extras``): ``eval_affine()`` is then the
+affine part only, and fold leaves ``act`` in the layer's place (``InstanceEnhancedBatchNorm``).
+
 **Recalibration** (layers keeping running estimates: ``EstimatedBatchNorm`` (BCN's batch part),
-``BatchGroupNorm``, ``GeneralizedBatchNorm``/``GhostBatchNorm`` (ghost, bn+gn, ebn), ``InputNorm``):
+``BatchGroupNorm``, ``GeneralizedBatchNorm``/``GhostBatchNorm`` (ghost, bn+gn, ebn), ``InputNorm``,
+``CrossIterationBatchNorm``, ``BatchKalmanNorm``, ``InstanceEnhancedBatchNorm``):
 
 - ``reset_running_stats()``: back to the initial estimates.
 - ``stat_view(x)``: x reshaped so that dim 1 indexes the layer's statistics (channels, or groups for
@@ -29,9 +34,13 @@ network) and calls ``load_moments`` once; plain torch BN gets the same treatment
 from normsurgeon.layers.affine import ChannelAffine
 from normsurgeon.layers.batch_group_norm import BatchGroupNorm
 from normsurgeon.layers.bcn import BatchChannelNorm, ChannelGroupNorm, EstimatedBatchNorm
+from normsurgeon.layers.bkn import BatchKalmanNorm
+from normsurgeon.layers.cbn import CrossIterationBatchNorm
+from normsurgeon.layers.dain import DAIN
 from normsurgeon.layers.example_bn import GeneralizedBatchNorm
 from normsurgeon.layers.frozen_bn import FrozenBatchNorm
 from normsurgeon.layers.ghost_bn import GhostBatchNorm
+from normsurgeon.layers.iebn import IEBNGate, InstanceEnhancedBatchNorm
 from normsurgeon.layers.input_norm import InputNorm
 from normsurgeon.layers.moments import RunningMoments
 from normsurgeon.layers.norm_act import NormAct
@@ -41,6 +50,7 @@ from normsurgeon.layers.ws_conv import WSConv1d, WSConv2d, WSConv3d, standardize
 __all__ = [
     "BatchGroupNorm", "ChannelAffine", "ChannelGroupNorm", "EstimatedBatchNorm", "FrozenBatchNorm",
     "GeneralizedBatchNorm", "GhostBatchNorm", "InputNorm", "NormAct", "ProxyNorm",
+    "BatchKalmanNorm", "CrossIterationBatchNorm", "DAIN", "IEBNGate", "InstanceEnhancedBatchNorm",
     "WSConv1d", "WSConv2d", "WSConv3d", "standardize_weight",
 ]
 # BatchChannelNorm (a Sequential of EstimatedBatchNorm + ChannelGroupNorm) and RunningMoments (a mixin)

@@ -50,19 +50,21 @@ def convert(
     layers: dict[str, str] | None = None,
     verify: bool = False,
     init: str | None = None,
-    input_norm: bool = False,
+    input_norm: bool | str = False,
     **options: Any,
 ) -> SurgeryResult:
     """Replace every BatchNorm in ``model`` (a copy; the input is untouched) following recipe ``to``.
 
     ``keep``: glob patterns of BN layer names to leave alone. ``layers``: per-layer recipe overrides,
     ``{"layer4.*": "gn:16"}``. ``options``: recipe options (``ws_form``, ``ws_eps``, ...).
-    ``init``/``input_norm``: options for training from scratch (``passes/train_options.py``).
+    ``init``/``input_norm``: options for training from scratch (``passes/train_options.py``);
+    ``input_norm`` is True/"bn" (online BN input normalization) or "dain" (adaptive, (N, C, L) inputs).
     ``verify``: raise if ``frozen`` changes outputs by more than 1e-5 relative, or if the result is not
     batch-independent in eval. The report always carries the measured figures.
     """
     recipe = to if isinstance(to, Recipe) else parse_recipe(to, **options)
     train_options.check_init(init)
+    input_norm = train_options.input_norm_kind(input_norm)
     overrides = {pat: parse_recipe(r, **options) for pat, r in (layers or {}).items()}
     check_options(options, [recipe, *overrides.values()])
     shape = tuple(input_shape) if input_shape else None
@@ -96,7 +98,7 @@ def convert(
     check_patterns_used(list(layers or {}), seen, "--layer")
     train_options.apply_init(new, init, changes, keep=keep)
     if input_norm:
-        train_options.prepend_input_norm(new, x, changes)
+        train_options.prepend_input_norm(new, x, changes, input_norm)
     new.eval()
     preserving = recipe.name == "frozen" and not overrides and init is None and not input_norm
     ver = compare(model, new, x, FROZEN_TOLERANCE if preserving else None)
@@ -118,7 +120,7 @@ def convert(
     if init is not None:
         args["init"] = init
     if input_norm:
-        args["input_norm"] = True
+        args["input_norm"] = True if input_norm == "bn" else input_norm
     provenance.record(new, model, "convert", args)
     return SurgeryResult(
         model=new, changes=changes, verb="convert", path=path, verification=ver,

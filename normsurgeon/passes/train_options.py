@@ -4,8 +4,10 @@ ECCV 2022; osu-cvl/revisiting-bn ``batch_norm.py``/``networks.py``):
 - ``init="revisited"``: every normalization layer's scale gamma = 0.1 and shift beta = 0 (instead
   of 1 and 0); proxy-norm's own gamma~/beta~ are left at their init. Train the scales at lr/100 with
   :func:`normsurgeon.training.revisited_param_groups`.
-- ``input_norm=True``: prepend the online BN-based input normalization
+- ``input_norm=True`` (or ``"bn"``): prepend the online BN-based input normalization
   (:class:`normsurgeon.layers.InputNorm`, gamma 0.058, beta frozen at 0) before the first layer.
+  ``input_norm="dain"``: prepend Deep Adaptive Input Normalization (:class:`normsurgeon.layers.DAIN`,
+  Passalis et al. 2019) instead, for (N, C, L) sequence inputs.
 """
 from __future__ import annotations
 
@@ -19,6 +21,19 @@ from normsurgeon.report import Change
 INIT_CHOICES = ("revisited",)
 REVISITED_GAMMA = 0.1  # revisiting-bn: bn_weight = 0.1
 INPUT_NORM_NAME = "input_norm"
+INPUT_NORM_CHOICES = ("bn", "dain")
+
+
+def input_norm_kind(value) -> str | None:
+    """``False``/None -> None, ``True`` -> "bn", else the lower-cased name (RecipeError if unknown)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "bn"
+    kind = str(value).strip().lower()
+    if kind not in INPUT_NORM_CHOICES:
+        raise RecipeError(f"unknown --input-norm {value!r}; valid: {', '.join(INPUT_NORM_CHOICES)}")
+    return kind
 
 
 def check_init(init: str | None) -> None:
@@ -33,7 +48,8 @@ def _norm_with_scale(m: nn.Module) -> bool:
     import normsurgeon.layers as L
 
     types = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, L.EstimatedBatchNorm, L.ChannelGroupNorm,
-             L.BatchGroupNorm, L.GeneralizedBatchNorm)
+             L.BatchGroupNorm, L.GeneralizedBatchNorm, L.CrossIterationBatchNorm, L.BatchKalmanNorm,
+             L.InstanceEnhancedBatchNorm)
     return isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor)
 
 
@@ -62,12 +78,20 @@ def apply_init(model: nn.Module, init: str | None, changes: list[Change], keep=(
                               f"revisited init: weight {REVISITED_GAMMA}, bias 0"))
 
 
-def prepend_input_norm(model: nn.Module, x: torch.Tensor, changes: list[Change]) -> None:
-    """Put an InputNorm over the model input's channels before the first layer (in place)."""
+def prepend_input_norm(model: nn.Module, x: torch.Tensor, changes: list[Change], kind: str = "bn") -> None:
+    """Put an InputNorm (``kind="bn"``) or a DAIN (``"dain"``, (N, C, L) inputs only) over the model
+    input's channels before the first layer (in place)."""
+    from normsurgeon.layers.dain import DAIN
     from normsurgeon.layers.input_norm import InputNorm
 
     like = x
-    norm = InputNorm(x.shape[1]).to(device=like.device, dtype=like.dtype)
+    if kind == "dain" and x.dim() != 3:
+        raise RecipeError(f"--input-norm dain needs (N, C, L) sequence inputs; the model input is "
+                          f"{tuple(x.shape)}: give --input-shape N,C,L or use --input-norm bn")
+    cls = DAIN if kind == "dain" else InputNorm
+    norm = cls(x.shape[1]).to(device=like.device, dtype=like.dtype)
+    label, what = f"{cls.__name__}({x.shape[1]})", ("adaptive input normalization (DAIN)" if kind == "dain"
+                                                      else "online input normalization")
     if isinstance(model, fx.GraphModule):
         placeholders = [n for n in model.graph.nodes if n.op == "placeholder"]
         if not placeholders:
@@ -80,8 +104,7 @@ def prepend_input_norm(model: nn.Module, x: torch.Tensor, changes: list[Change])
         first.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
         model.graph.lint()
         model.recompile()
-        changes.append(Change(INPUT_NORM_NAME, "inserted", "", f"InputNorm({x.shape[1]})",
-                              "online input normalization before the first layer"))
+        changes.append(Change(INPUT_NORM_NAME, "inserted", "", label, f"{what} before the first layer"))
         return
     name = _sole_input_consumer(model, x)
     if name is None:
@@ -90,8 +113,8 @@ def prepend_input_norm(model: nn.Module, x: torch.Tensor, changes: list[Change])
         return
     inner = model.get_submodule(name)
     set_submodule(model, name, nn.Sequential(norm, inner))
-    changes.append(Change(name, "inserted", type(inner).__name__, f"InputNorm({x.shape[1]}) + {type(inner).__name__}",
-                          "online input normalization before the first layer"))
+    changes.append(Change(name, "inserted", type(inner).__name__, f"{label} + {type(inner).__name__}",
+                          f"{what} before the first layer"))
 
 
 def _sole_input_consumer(model: nn.Module, x: torch.Tensor) -> str | None:

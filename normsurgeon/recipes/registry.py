@@ -8,7 +8,7 @@ from typing import Any, Callable
 from normsurgeon.errors import RecipeError
 
 # Modules whose import registers recipes. Order is the order ``--help`` lists them.
-_BUILTIN_MODULES = ("normsurgeon.recipes.basic", "normsurgeon.recipes.papers")
+_BUILTIN_MODULES = ("normsurgeon.recipes.basic", "normsurgeon.recipes.papers", "normsurgeon.recipes.iteration")
 _REGISTRY: dict[str, "RecipeEntry"] = {}
 _LOADED = False
 
@@ -78,9 +78,13 @@ def _boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else "must be true or false"
 
 
-def _rate(v: Any) -> str | None:
+def unit_rate(v: Any) -> str | None:
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
     return None if ok else "must be a number in (0, 1]"
+
+
+def nonnegative_int(v: Any) -> str | None:
+    return None if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else "must be an integer >= 0"
 
 
 WS_OPTIONS = (RecipeOption("ws_form", "var = sqrt(var + eps), std = std + eps", _one_of("var", "std")),
@@ -88,7 +92,7 @@ WS_OPTIONS = (RecipeOption("ws_form", "var = sqrt(var + eps), std = std + eps", 
 PN_OPTIONS = (RecipeOption("pn_eps", "proxy normalization epsilon", _positive_number),
               RecipeOption("pn_norm_eps", "epsilon of the norm before proxy normalization", _positive_number))
 BCN_OPTIONS = (RecipeOption("bcn_estimate", "use running estimates in the BN part", _boolean),
-               RecipeOption("bcn_rate", "update rate of the running estimates", _rate))
+               RecipeOption("bcn_rate", "update rate of the running estimates", unit_rate))
 
 
 @dataclass(frozen=True)
