@@ -16,13 +16,15 @@ RECIPES = ["cbn", "bkn", "iebn"]
 LAYER = {"cbn": CrossIterationBatchNorm, "bkn": BatchKalmanNorm, "iebn": InstanceEnhancedBatchNorm}
 
 
-@pytest.fixture(scope="module")
+
 
 def opts(recipe: str) -> dict:
     """cbn's burn-in off (the other recipes read no such option, and convert refuses options a
     recipe does not read)."""
     return {"cbn_burnin": 0} if recipe.startswith("cbn") else {}
 
+
+@pytest.fixture(scope="module")
 def resnet():
     """timm's small test ResNet: basic and bottleneck blocks, 15 BNs, each after a conv."""
     return randomize_norm_stats(normsurgeon.load_model("timm:test_resnet"))
