@@ -26,7 +26,7 @@ def test_torchrun_two_processes_equal_single_process(tmp_path):
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(r.stdout[r.stdout.index("{"):])
-    assert rep["world_size"] == 2 and rep["samples"] == 230 and r.stdout.count('"verb"') == 1  # rank 0 prints
+    assert rep["info"]["world_size"] == 2 and rep["info"]["samples"] == 230 and r.stdout.count('"verb"') == 1  # rank 0 prints
 
     single = normsurgeon.recalibrate(load_model(str(src)), "digits:train", samples=230, batch_size=32,
                                      noise="weight:0.1", noise_mode="resample", noise_samples=2, noise_seed=3).model

@@ -17,7 +17,7 @@ def test_cli_fold_json_saves_replayable_model(tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["verb"] == "fold" and d["path"] == "fx" and d["summary"] == {"folded": 20}
-    assert d["verification"]["ok"] and d["remaining BatchNorm"] == 0
+    assert d["verification"]["ok"] and d["info"]["remaining_batchnorm"] == 0
     folded = normsurgeon.load_model(str(out))  # rebuilt from the spec + replayed fold + weights
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
 

@@ -24,7 +24,7 @@ def test_recalibrate_then_evaluate_same_noise_instance(model_file, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""  # no progress bar (nor its blank line) when stderr is not a terminal
     rep = json.loads(r.stdout)
-    assert rep["verb"] == "recalibrate" and rep["summary"] == {"recalibrated": 3} and rep["samples"] == 640
+    assert rep["verb"] == "recalibrate" and rep["summary"] == {"recalibrated": 3} and rep["info"]["samples"] == 640
     import normsurgeon
 
     api = normsurgeon.recalibrate(load_model(str(model_file)), "digits:train", noise="weight:0.1", noise_seed=5,

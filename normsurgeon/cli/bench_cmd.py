@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
                         runs=runs, warmup=warmup, threads=threads, torch_eager=not no_torch,
                         labels=(model, compare or "compare"))
         if as_json:
-            common.print_json(rep.to_dict())
+            common.print_json(rep.to_dict(), "bench")
             return
         _render(rep)
 

@@ -130,8 +130,14 @@ def load(spec: str, weights: str | None, trust_pickle: bool, trust_code: bool = 
         return load_model(spec, weights=weights, trust_pickle=trust_pickle, trust_code=trust_code)
 
 
-def print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+JSON_SCHEMA_VERSION = 1  # docs/json.md: every verb's --json object
+
+
+def print_json(obj: dict, verb: str) -> None:
+    """One JSON object: ``schema_version`` and ``verb`` first, then the verb's snake_case fields."""
+    d = {"schema_version": JSON_SCHEMA_VERSION, "verb": verb}
+    d.update((k, v) for k, v in obj.items() if k not in d)
+    sys.stdout.write(json.dumps(d, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(o: Any):
@@ -154,12 +160,15 @@ def changes_table(result, title: str):
     return table
 
 
-def render_result(result, title: str, as_json: bool, extra: dict | None = None) -> None:
-    """Print a SurgeryResult: its change table, summary and verification, or one JSON object."""
+def render_result(result, title: str, as_json: bool, output: str | None = None,
+                  extra: dict | None = None) -> None:
+    """Print a SurgeryResult: its change table, summary and verification, or one JSON object (with
+    ``output``, the file written). ``extra``: lines for the terminal only (their figures are in
+    ``result.info``, which the JSON carries)."""
     if as_json:
         d = result.to_dict()
-        d.update(extra or {})
-        print_json(d)
+        d["output"] = output
+        print_json(d, result.verb)
         return
     out = console()
     out.print(changes_table(result, title))
@@ -177,3 +186,5 @@ def render_result(result, title: str, as_json: bool, extra: dict | None = None) 
             out.print(f"note: {escape(v.note)}")
     for k, val in (extra or {}).items():
         out.print(f"{k}: {val}")
+    if output:
+        out.print(f"output: {output}")

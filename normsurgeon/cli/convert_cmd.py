@@ -83,4 +83,4 @@ def register(app: typer.Typer) -> None:
             result = convert(m, to, input_shape=shape, keep=tuple(keep),
                              layers=overrides, verify=verify, init=init, input_norm=input_norm, **opts)
         path = save_model(result.model, output, force=force)
-        common.render_result(result, f"convert --to {recipe}", as_json, {"output": str(path)})
+        common.render_result(result, f"convert --to {recipe}", as_json, str(path))

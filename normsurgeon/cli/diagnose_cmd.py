@@ -78,7 +78,7 @@ def _render(result, as_json: bool, model: str, png, page) -> None:
     report = result.report
     written = {k: str(p) for k, p in (("plot", png), ("html", page)) if p is not None}
     if as_json:
-        common.print_json({"model": model, **report, **written})
+        common.print_json({"model": model, **report, **written}, "diagnose")
         return
     out = common.console()
     out.print(layers_table(result, f"diagnose {model} on {report['data']} ({report['samples']} samples)"))

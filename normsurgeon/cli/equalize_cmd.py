@@ -35,7 +35,6 @@ def register(app: typer.Typer) -> None:
             result = equalize(m, iters=iters, c=c, verify=verify, input_shape=parse_shape(input_shape))
         path = save_model(result.model, output, force=force)
         info = result.info
-        common.render_result(result, "equalize", as_json, {
+        common.render_result(result, "equalize", as_json, str(path), {
             "weight L2 norm": f"{info['weight_norm_before']:.6g} -> {info['weight_norm_after']:.6g}",
-            "output": str(path),
         })

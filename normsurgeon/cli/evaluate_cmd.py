@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
             if rank != 0:
                 return
         if as_json:
-            common.print_json(report)
+            common.print_json(report, "evaluate")
             return
         from rich.table import Table
 

@@ -44,7 +44,9 @@ def register(app: typer.Typer) -> None:
                               dynamic_batch=dynamic_batch, fp16=fp16, fold=not no_fold, verify=verify,
                               exporter=exporter, channel_affine=channel_affine, keep=tuple(keep), force=force)
         if as_json:
-            common.print_json(rep.to_dict())
+            d = rep.to_dict()
+            d["output"] = d.pop("path")
+            common.print_json(d, "export")
             return
         _render(rep)
 

@@ -34,6 +34,6 @@ def register(app: typer.Typer) -> None:
         with common.status("folding"):
             result = fold(m, input_shape=parse_shape(input_shape), keep=tuple(keep), verify=verify)
         path = save_model(result.model, output, force=force)
-        extra = {"output": str(path), "remaining BatchNorm": result.info.get("remaining_batchnorm", 0),
+        extra = {"remaining BatchNorm": result.info.get("remaining_batchnorm", 0),
                  "fold seconds": result.info.get("fold_seconds")}
-        common.render_result(result, "fold", as_json, extra)
+        common.render_result(result, "fold", as_json, str(path), extra)

@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         with common.status("inspecting"):
             rep = inspect(m, to=to, input_shape=shape)
         if as_json:
-            common.print_json(rep.to_dict())
+            common.print_json(rep.to_dict(), "inspect")
             return
         from rich.table import Table
 

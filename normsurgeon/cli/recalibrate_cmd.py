@@ -94,11 +94,10 @@ def register(app: typer.Typer) -> None:
                 return
             path = save_model(result.model, output, force=force)
         info = result.info
-        extra = {"output": str(path), "samples": info["samples"], "samples_per_s": info["samples_per_s"],
-                 "world_size": info["world_size"]}
+        extra = {"samples": info["samples"], "samples/s": info["samples_per_s"], "processes": info["world_size"]}
         if info.get("noise"):
             extra["noise"] = f"{info['noise']} ({info['noise_mode']}, seed {info['noise_seed']})"
-        common.render_result(result, "recalibrate", as_json, extra)
+        common.render_result(result, "recalibrate", as_json, str(path), extra)
 
 
 class _null:
