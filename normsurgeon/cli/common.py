@@ -63,7 +63,7 @@ def handle_errors(fn: Callable) -> Callable:
 
         try:
             return fn(*args, **kwargs)
-        except typer.Exit:
+        except (typer.Exit, SystemExit):  # a deliberate exit (rich exits 1 on a closed pipe)
             raise
         except KeyboardInterrupt:
             err_console().print("[bold red]interrupted[/]: nothing was written")
@@ -148,37 +148,65 @@ def _json_default(o: Any):
     return str(o)
 
 
+def verbose_opt() -> Any:
+    return typer.Option(False, "--verbose", "-v", help="List every layer changed or left alone (always in --json).")
+
+
 def changes_table(result, title: str):
-    """A rich table of every change in a SurgeryResult."""
+    """A rich table of every change in a SurgeryResult, fitting 80 columns: layer names are never
+    wrapped; what changed and why are abbreviated first."""
     from rich.table import Table
 
-    table = Table(title=title, show_lines=False, expand=False)
-    for col in ("layer", "action", "before", "after", "detail"):
-        table.add_column(col, overflow="fold")
+    width = min(console().width, 120)
+    table = Table(title=title, show_lines=False, expand=True, width=width)
+    layer_width = min(max((len(c.target) for c in result.changes), default=5), width // 2)
+    table.add_column("layer", no_wrap=True, min_width=layer_width)
+    table.add_column("action", no_wrap=True, min_width=max(len(c.action) for c in result.changes) if result.changes else 6)
+    table.add_column("now", no_wrap=True, overflow="ellipsis", ratio=1)
+    table.add_column("detail", no_wrap=True, overflow="ellipsis", ratio=2)
     for c in result.changes:
-        table.add_row(c.target, c.action, c.before, c.after, c.detail)
+        table.add_row(c.target, c.action, c.after or c.before, c.detail)
     return table
 
 
+def describe_change(v) -> str:
+    """A verification record in words: how far the outputs moved and whether that passes."""
+    rel = v.max_rel_error
+    figures = f"max rel error {rel:.2e}, max abs {v.max_abs_error:.2e}"
+    if v.tolerance is not None:
+        verdict = "[green]ok[/]" if v.ok else "[red]FAILED[/]"
+        return f"verification: outputs match within {v.tolerance:.0e} ({figures}) {verdict}"
+    if rel != rel:  # NaN
+        return f"outputs: not finite ({figures})"
+    if rel < 1e-4:
+        words = "unchanged"
+    elif rel < 0.05:
+        words = f"moved by {rel:.1%} of their range"
+    else:
+        words = f"changed by {rel:.0%} of their range: the model now computes a different function"
+    return f"outputs {words} ({figures})"
+
+
 def render_result(result, title: str, as_json: bool, output: str | None = None,
-                  extra: dict | None = None) -> None:
-    """Print a SurgeryResult: its change table, summary and verification, or one JSON object (with
-    ``output``, the file written). ``extra``: lines for the terminal only (their figures are in
-    ``result.info``, which the JSON carries)."""
+                  extra: dict | None = None, verbose: bool = False, hint: str | None = None) -> None:
+    """Print a SurgeryResult concisely: one summary line, verification in words, ``extra`` lines and
+    the output; ``verbose`` adds the table of every change. ``--json``: one object with everything
+    (``output`` is the file written). ``extra``: terminal-only lines whose figures ``result.info``
+    carries; ``hint``: what to do next."""
     if as_json:
         d = result.to_dict()
         d["output"] = output
         print_json(d, result.verb)
         return
     out = console()
-    out.print(changes_table(result, title))
+    if verbose:
+        out.print(changes_table(result, title))
     summary = ", ".join(f"{n} {a}" for a, n in result.summary().items()) or "no changes"
-    out.print(f"[bold]{summary}[/] (path: {result.path})")
+    more = "" if verbose or not result.changes else " [dim](--verbose lists them)[/]"
+    out.print(f"[bold]{escape(title)}[/]: {summary} ({result.path}){more}")
     v = result.verification
     if v is not None:
-        tol = f" (limit {v.tolerance:.0e})" if v.tolerance is not None else " (not function-preserving by design)"
-        mark = "[green]ok[/]" if v.ok else "[red]FAILED[/]"
-        out.print(f"verification: max rel error {v.max_rel_error:.2e}, max abs {v.max_abs_error:.2e}{tol} {mark}")
+        out.print(describe_change(v))
         if v.batch_independent is not None:
             bi = "[green]yes[/]" if v.batch_independent else "[red]no[/]"
             out.print(f"batch-independent in eval: {bi}")
@@ -187,4 +215,15 @@ def render_result(result, title: str, as_json: bool, output: str | None = None,
     for k, val in (extra or {}).items():
         out.print(f"{k}: {val}")
     if output:
-        out.print(f"output: {output}")
+        out.print(f"output: {escape(output)}{_size(output)}")
+    if hint:
+        out.print(f"[yellow]next:[/] {escape(hint)}")
+
+
+def _size(path: str) -> str:
+    import os
+
+    try:
+        return f" ({os.path.getsize(path) / 1e6:.1f} MB)"
+    except OSError:
+        return ""

@@ -51,6 +51,7 @@ def register(app: typer.Typer) -> None:
         input_norm: Optional[str] = typer.Option(None, "--input-norm", show_default=False, metavar="[bn|dain]", help="Prepend input normalization: bare or 'bn' = online BN-based layer (gamma 0.058, beta frozen at 0); 'dain' = DAIN adaptive normalization for (N, C, L) sequences."),
         force: bool = common.force_opt(),
         as_json: bool = common.json_opt(),
+        verbose: bool = common.verbose_opt(),
     ) -> None:
         """Replace BatchNorm with a batch-independent recipe and save the converted model."""
         from normsurgeon.errors import RecipeError
@@ -83,4 +84,14 @@ def register(app: typer.Typer) -> None:
             result = convert(m, to, input_shape=shape, keep=tuple(keep),
                              layers=overrides, verify=verify, init=init, input_norm=input_norm, **opts)
         path = save_model(result.model, output, force=force)
-        common.render_result(result, f"convert --to {recipe}", as_json, str(path))
+        common.render_result(result, f"convert --to {recipe}", as_json, str(path), verbose=verbose,
+                             hint=_next_step(result, model, str(path)))
+
+
+def _next_step(result, model: str, output: str) -> str | None:
+    """When the conversion changed what the model computes: how to get the function back."""
+    v = result.verification
+    if v is None or v.tolerance is not None or not v.max_rel_error >= 1e-3:
+        return None
+    return (f"normsurgeon distill {output} --teacher {model} --data DATA -o healed.pt gives the converted "
+            "model back the original's function (DATA: inputs only, no labels needed)")

@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
         verify: bool = typer.Option(False, "--verify", help="Fail if outputs change by more than 1e-5 relative."),
         force: bool = common.force_opt(),
         as_json: bool = common.json_opt(),
+        verbose: bool = common.verbose_opt(),
     ) -> None:
         """Equi-normalize: rescale channels through ReLU-like activations to minimize the weights' L2 norm (function-preserving)."""
         from normsurgeon.graph.probe import parse_shape

@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
         verify: bool = typer.Option(False, "--verify", help="Fail (nothing written) if outputs move by more than 1e-5 relative."),
         force: bool = common.force_opt(),
         as_json: bool = common.json_opt(),
+        verbose: bool = common.verbose_opt(),
     ) -> None:
         """Fold BatchNorm, weight standardization and other per-channel constants into the
         neighbouring convs/linears, and save the folded model. Every fold and every leftover is listed."""
@@ -36,4 +37,4 @@ def register(app: typer.Typer) -> None:
         path = save_model(result.model, output, force=force)
         extra = {"remaining BatchNorm": result.info.get("remaining_batchnorm", 0),
                  "fold seconds": result.info.get("fold_seconds")}
-        common.render_result(result, "fold", as_json, str(path), extra)
+        common.render_result(result, "fold", as_json, str(path), extra, verbose=verbose)

@@ -65,6 +65,7 @@ def register(app: typer.Typer) -> None:
         verify: bool = typer.Option(False, "--verify", help="Fail if anything but running statistics changed."),
         force: bool = common.force_opt(),
         as_json: bool = common.json_opt(),
+        verbose: bool = common.verbose_opt(),
     ) -> None:
         """Re-estimate BatchNorm (and recipe-layer) running statistics on data, exactly pooled."""
         from normsurgeon.calibrate import distributed
@@ -97,7 +98,7 @@ def register(app: typer.Typer) -> None:
         extra = {"samples": info["samples"], "samples/s": info["samples_per_s"], "processes": info["world_size"]}
         if info.get("noise"):
             extra["noise"] = f"{info['noise']} ({info['noise_mode']}, seed {info['noise_seed']})"
-        common.render_result(result, "recalibrate", as_json, str(path), extra)
+        common.render_result(result, "recalibrate", as_json, str(path), extra, verbose=verbose)
 
 
 class _null:
