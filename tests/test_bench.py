@@ -77,3 +77,16 @@ def test_cli_bench_json(tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["provider"] == "cpu" and [row["backend"] for row in d["rows"]] == ["ort-cpu"]
+
+
+def test_bench_leaves_the_callers_thread_count_alone(tmp_path):
+    import torch
+
+    import normsurgeon
+
+    before = torch.get_num_threads()
+    want = 3 if before != 3 else 2
+    m = normsurgeon.load_model("normsurgeon:digits_cnn")
+    normsurgeon.bench(m, provider="cpu", batch_sizes=[1], runs=2, warmup=0, threads=want, torch_eager=False,
+                      input_shape=(1, 1, 16, 16))
+    assert torch.get_num_threads() == before

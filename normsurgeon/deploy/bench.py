@@ -102,8 +102,22 @@ def bench(
     shape, note = _common_shape(input_shape, models, files, labels)
     rep = BenchReport(provider=choice.name, provider_note=choice.note, precision=_precision(fp16, files, labels),
                       input_shape=shape, notes=[note] if note else [])
+    previous_threads = torch.get_num_threads()
     if threads is not None:
-        torch.set_num_threads(int(threads))
+        torch.set_num_threads(int(threads))  # restored below: the caller's process keeps its setting
+    try:
+        return _run(rep, models, files, labels, batch_sizes, shape, choice, compare, runs, warmup, threads,
+                    torch_eager, fp16, min_seconds)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(rep, models, files, labels, batch_sizes, shape, choice, compare, runs, warmup, threads, torch_eager,
+         fp16, min_seconds):
+    import torch
+
+    from normsurgeon.deploy import ort
+
     if compare is not None:
         rep.notes.append("sessions timed in turn run with intra-op spinning off (fair interleaving)")
     with tempfile.TemporaryDirectory(prefix="ns-bench-") as work:
