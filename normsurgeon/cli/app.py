@@ -12,13 +12,14 @@ app = typer.Typer(
     help="Surgery on the normalization layers of PyTorch models: inspect, convert BatchNorm to "
     "batch-independent norms, fold, recalibrate, equalize, export to ONNX and benchmark.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
 
 # one module per verb; each defines register(app)
-COMMANDS = ("inspect", "convert", "fold", "equalize", "recalibrate", "evaluate", "export", "bench", "diagnose")
+COMMANDS = ("inspect", "convert", "fold", "equalize", "recalibrate", "evaluate", "export", "bench", "diagnose",
+            "recipes")
 
 
 def _print_version(value: bool) -> None:
@@ -49,6 +50,37 @@ for _name in COMMANDS:
     _mod.register(app)
 
 
+METAVARS = {"model": "MODEL", "teacher": "MODEL", "compare": "MODEL", "output": "PATH", "weights": "PATH",
+            "plot": "PATH", "html_out": "PATH", "data": "DATA", "input_shape": "SHAPE", "to": "RECIPE",
+            "noise": "weight:ETA"}
+
+
+def polish_help(group) -> None:
+    """Help that reads well: typed metavars (INT, PATH, SHAPE, ...; none for flags) and docstrings
+    whose paragraphs are not broken where the source code wrapped them."""
+    import re
+
+    for cmd in getattr(group, "commands", {}).values():
+        if cmd.help:
+            cmd.help = re.sub(r"[ \t]*(?<!\n)\n(?!\n)[ \t]*", " ", cmd.help.strip())
+        for prm in cmd.params:
+            if getattr(prm, "is_flag", False):
+                prm.metavar = ""
+            elif prm.name in METAVARS:
+                prm.metavar = METAVARS[prm.name]
+            elif _annotation(prm) in (int, float):
+                prm.metavar = _annotation(prm).__name__.upper()
+            elif prm.metavar is None:
+                prm.metavar = "TEXT"
+    for prm in group.params:
+        if getattr(prm, "is_flag", False):
+            prm.metavar = ""
+
+
+def _annotation(prm):
+    return getattr(getattr(prm, "type_descriptor", None), "annotation", None)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the app on ``argv`` (default: ``sys.argv[1:]``) and return the exit code; a command-line
     usage mistake is one ``error:`` line (exit 2), like every other."""
@@ -58,7 +90,9 @@ def run(argv: list[str] | None = None) -> int:
         from click.exceptions import NoArgsIsHelpError, UsageError
 
     try:
-        code = app(args=argv, prog_name="normsurgeon", standalone_mode=False)
+        command = typer.main.get_command(app)
+        polish_help(command)
+        code = command.main(args=argv, prog_name="normsurgeon", standalone_mode=False)
     except NoArgsIsHelpError as e:  # bare ``normsurgeon`` or a verb with no arguments
         typer.echo(e.ctx.get_help())
         return 0
