@@ -23,6 +23,14 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     return lines[0][:limit] if lines else type(e).__name__
 
 
+def did_you_mean(word: str, choices, n: int = 3) -> str:
+    """ " (did you mean X?)" for the closest of ``choices`` (empty when nothing is close)."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=n, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
 class NormSurgeonError(Exception):
     """Base class: a problem with the user's input, not with normsurgeon."""
 

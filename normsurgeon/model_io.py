@@ -32,6 +32,7 @@ from normsurgeon.errors import (
     ModelSpecError,
     UntrustedCodeError,
     UntrustedPickleError,
+    did_you_mean,
     first_line,
 )
 from normsurgeon.manifest import FORMAT_VERSION, validate
@@ -107,8 +108,8 @@ def _torchvision(name: str):
         builder = torchvision.models.get_model_builder(name)
     except ValueError:
         raise ModelSpecError(
-            f"unknown torchvision model {name!r}; list them with: python -c "
-            "\"import torchvision; print(torchvision.models.list_models())\""
+            f"unknown torchvision model {name!r}{did_you_mean(name, torchvision.models.list_models())}; list them "
+            "with: python -c \"import torchvision; print(torchvision.models.list_models())\""
         ) from None
     kwargs: dict[str, Any] = {"weights": None}
     if name.startswith("inception") or name == "googlenet":
@@ -128,7 +129,8 @@ def _timm(name: str):
     except RuntimeError as e:
         if "Unknown model" in str(e) or "Invalid model" in str(e):
             raise ModelSpecError(
-                f"unknown timm model {name!r}; list them with: python -c \"import timm; print(timm.list_models())\""
+                f"unknown timm model {name!r}{did_you_mean(name, timm.list_models())}; list them with: "
+                "python -c \"import timm; print(timm.list_models())\""
             ) from None
         raise
 
@@ -164,7 +166,8 @@ def _factory(module_name: str, attr: str):
                              f"{type(e).__name__}: {first_line(e)}; fix the module") from None
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
-        raise ModelSpecError(f"{module_name} has no callable {attr!r} to build the model")
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
+        raise ModelSpecError(f"{module_name} has no callable {attr!r} to build the model{did_you_mean(attr, names)}")
     try:
         model = fn()
     except KeyboardInterrupt:

@@ -226,3 +226,16 @@ def test_layer_pattern_matching_nothing_is_an_error(tmp_path, args):
     r = run_cli(*args, "--input-shape", "1,3,32,32", "-o", str(out))
     assert_one_error_line(r, "matches no layer")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["convert", "torchvision:resnet18", "--to", "gnws", "-o", "x.pt"], "did you mean gn+ws"),
+    (["inspect", "torchvision:resnet19"], "did you mean resnet18"),
+    (["inspect", "normsurgeon.calibrate.digits_cnn:digit_cnn"], "did you mean digits_cnn"),
+])
+def test_did_you_mean(tmp_path, argv, needle):
+    from tests.security.files import cli, one_error_line
+
+    code, _, err = cli(argv, cwd=tmp_path)
+    assert code == 2
+    one_error_line(err, needle)

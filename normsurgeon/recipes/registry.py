@@ -5,7 +5,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from normsurgeon.errors import RecipeError
+from normsurgeon.errors import RecipeError, did_you_mean
 
 # Modules whose import registers recipes. Order is the order ``--help`` lists them.
 _BUILTIN_MODULES = ("normsurgeon.recipes.basic", "normsurgeon.recipes.papers", "normsurgeon.recipes.iteration")
@@ -142,7 +142,8 @@ def get_entry(name: str) -> RecipeEntry:
         return _REGISTRY[name]
     except KeyError:
         raise RecipeError(
-            f"unknown recipe {name!r}; valid recipes: {', '.join(e.usage() for e in all_recipes())}"
+            f"unknown recipe {name!r}{did_you_mean(name, _REGISTRY)}; valid recipes: "
+            f"{', '.join(e.usage() for e in all_recipes())}"
         ) from None
 
 
@@ -158,7 +159,8 @@ def check_options(options: dict[str, Any], recipes: list["Recipe"] | None = None
     for key, value in options.items():
         opt = known.get(key)
         if opt is None:
-            raise RecipeError(f"unknown recipe option {key!r}; valid options: {', '.join(sorted(known))}")
+            raise RecipeError(f"unknown recipe option {key!r}{did_you_mean(key, known)}; valid options: "
+                              f"{', '.join(sorted(known))}")
         problem = opt.check(value)
         if problem:
             raise RecipeError(f"bad recipe option {key}={value!r}: {problem}")
