@@ -77,9 +77,16 @@ def _layer_recipes(v: Any) -> str | None:
 
 
 def _init(v: Any) -> str | None:
-    from normsurgeon.passes.train_options import INIT_CHOICES
+    from normsurgeon.preflight import INIT_CHOICES
 
     return None if v is None or v in INIT_CHOICES else f"must be one of {', '.join(INIT_CHOICES)}"
+
+
+def _input_norm(v: Any) -> str | None:
+    from normsurgeon.preflight import INPUT_NORM_CHOICES
+
+    ok = isinstance(v, bool) or v is None or v in INPUT_NORM_CHOICES
+    return None if ok else f"must be true, false or one of {', '.join(INPUT_NORM_CHOICES)}"
 
 
 def _flag(v: Any) -> str | None:
@@ -94,7 +101,7 @@ def _recipe_options() -> dict[str, Callable[[Any], str | None]]:
 
 STRUCTURAL: dict[str, Callable[[], dict[str, Callable[[Any], str | None]]]] = {
     "convert": lambda: {"to": _recipe, "input_shape": _shape, "keep": _patterns, "layers": _layer_recipes,
-                        "init": _init, "input_norm": _flag, "replay": _flag, **_recipe_options()},
+                        "init": _init, "input_norm": _input_norm, "replay": _flag, **_recipe_options()},
     "fold": lambda: {"input_shape": _shape, "keep": _patterns, "replay": _flag},
 }
 REQUIRED = {"convert": ("to",), "fold": ()}

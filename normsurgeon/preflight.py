@@ -77,3 +77,24 @@ def noise(text: str | None) -> None:
         ok = False
     if not ok:
         raise NoiseSpecError(f"bad --noise {text!r}: use weight:ETA with ETA >= 0, e.g. weight:0.1")
+
+
+INIT_CHOICES = ("revisited",)  # convert --init (passes/train_options.py applies them)
+INPUT_NORM_CHOICES = ("bn", "dain")  # convert --input-norm
+
+
+def input_norm_kind(value) -> str | None:
+    """``False``/None -> None, ``True`` -> "bn", else the lower-cased name (RecipeError if unknown)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "bn"
+    kind = str(value).strip().lower()
+    if kind not in INPUT_NORM_CHOICES:
+        raise RecipeError(f"unknown --input-norm {value!r}; valid: {', '.join(INPUT_NORM_CHOICES)}")
+    return kind
+
+
+def check_init(init: str | None) -> None:
+    if init is not None and init not in INIT_CHOICES:
+        raise RecipeError(f"unknown --init {init!r}; valid: {', '.join(INIT_CHOICES)}")

@@ -41,14 +41,19 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Latency (p50/p90/p99) and throughput on ONNX Runtime, with a PyTorch eager reference row.
         A MODEL that is not an .onnx file is folded and exported on the fly."""
+        from normsurgeon import preflight
         from normsurgeon.deploy import ort
-        from normsurgeon.deploy.bench import bench, check_settings
-        from normsurgeon.graph.probe import parse_shape
+        from normsurgeon.deploy.bench import check_settings
 
+        preflight.model_spec(model)
+        if compare:
+            preflight.model_spec(compare)
         batches = _batches(batch_size)
-        check_settings(runs=runs, warmup=warmup, threads=threads)  # before loading anything
+        check_settings(runs=runs, warmup=warmup, threads=threads)
         ort.choose(provider)  # fail before loading anything when the provider is missing
-        shape = parse_shape(input_shape)
+        shape = preflight.shape(input_shape)  # every check above runs before torch is imported
+        from normsurgeon.deploy.bench import bench
+
         a = model if model.endswith(".onnx") else common.load(model, weights, trust_pickle, trust_code)
         b = None
         if compare:

@@ -54,12 +54,12 @@ def register(app: typer.Typer) -> None:
         verbose: bool = common.verbose_opt(),
     ) -> None:
         """Replace BatchNorm with a batch-independent recipe and save the converted model."""
+        from normsurgeon import preflight
         from normsurgeon.errors import RecipeError
-        from normsurgeon.graph.probe import parse_shape
-        from normsurgeon.model_io import check_output, save_model
-        from normsurgeon.passes.convert import convert
+        from normsurgeon.publish import check_output
         from normsurgeon.recipes import parse_recipe
 
+        preflight.model_spec(model)
         recipe = parse_recipe(to)
         overrides = {}
         for item in layer:
@@ -70,14 +70,13 @@ def register(app: typer.Typer) -> None:
             overrides[pat] = r
         if ws_form not in ("var", "std"):
             raise RecipeError(f"bad --ws-form {ws_form!r}: use var or std")
-        from normsurgeon.passes.train_options import check_init
-
-        check_init(init)
-        from normsurgeon.passes.train_options import input_norm_kind
-
-        input_norm_kind(input_norm)
-        shape = parse_shape(input_shape)  # bad shapes fail before the model is built
+        preflight.check_init(init)
+        preflight.input_norm_kind(input_norm)
+        shape = preflight.shape(input_shape)  # every check above runs before torch is imported
         check_output(output, force)
+        from normsurgeon.model_io import save_model
+        from normsurgeon.passes.convert import convert
+
         m = common.load(model, weights, trust_pickle, trust_code)
         opts = {"ws_form": ws_form} if ws_form != "var" else {}
         with common.status(f"converting to {recipe}"):

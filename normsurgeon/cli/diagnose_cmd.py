@@ -38,17 +38,24 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Show, per norm layer, stale BN statistics, channel collapse, instance variability, dead
         channels and (with --teacher) similarity, with a verdict; see docs/diagnose.md."""
-        from normsurgeon.calibrate.data import load_data
-        from normsurgeon.calibrate.noise import resolve_noise
-        from normsurgeon.diagnosis import diagnose
+        from normsurgeon import preflight
         from normsurgeon.diagnosis.output import check_report_path, need_matplotlib
 
-        resolve_noise(noise, noise_mode, noise_seed, noise_samples)
+        preflight.model_spec(model)
+        if teacher is not None:
+            preflight.model_spec(teacher)
+        preflight.data_spec(data)
+        preflight.noise(noise)
         mean_t, std_t = floats(mean, "--mean"), floats(std, "--std")
-        if plot is not None or html_out is not None:
-            need_matplotlib()
         png = check_report_path(plot, ".png", "--plot", force) if plot is not None else None
         page = check_report_path(html_out, ".html", "--html", force) if html_out is not None else None
+        if plot is not None or html_out is not None:
+            need_matplotlib()
+        from normsurgeon.calibrate.data import load_data  # the checks above run before torch is imported
+        from normsurgeon.calibrate.noise import resolve_noise
+        from normsurgeon.diagnosis import diagnose
+
+        resolve_noise(noise, noise_mode, noise_seed, noise_samples)
         m = common.load(model, weights, trust_pickle, trust_code)
         t = common.load(teacher, None, trust_pickle, trust_code) if teacher is not None else None
         dataset = load_data(data, image_size=image_size, mean=mean_t, std=std_t)

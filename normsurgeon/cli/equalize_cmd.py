@@ -26,14 +26,19 @@ def register(app: typer.Typer) -> None:
         verbose: bool = common.verbose_opt(),
     ) -> None:
         """Equi-normalize: rescale channels through ReLU-like activations to minimize the weights' L2 norm (function-preserving)."""
-        from normsurgeon.graph.probe import parse_shape
-        from normsurgeon.model_io import check_output, save_model
+        from normsurgeon import preflight
+        from normsurgeon.publish import check_output
+
+        preflight.model_spec(model)
+        shape = preflight.shape(input_shape)
+        preflight.positive(c, "--c")
+        check_output(output, force)  # every check above runs before torch is imported
+        from normsurgeon.model_io import save_model
         from normsurgeon.passes.equalize import equalize
 
-        check_output(output, force)
         m = common.load(model, weights, trust_pickle, trust_code)
         with common.status("equalizing"):
-            result = equalize(m, iters=iters, c=c, verify=verify, input_shape=parse_shape(input_shape))
+            result = equalize(m, iters=iters, c=c, verify=verify, input_shape=shape)
         path = save_model(result.model, output, force=force)
         info = result.info
         common.render_result(result, "equalize", as_json, str(path), {

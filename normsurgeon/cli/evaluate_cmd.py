@@ -29,13 +29,16 @@ def register(app: typer.Typer) -> None:
         as_json: bool = common.json_opt(),
     ) -> None:
         """Top-1 accuracy and cross-entropy loss on labelled data."""
+        from normsurgeon import preflight
+
+        preflight.model_spec(model)
+        preflight.data_spec(data)
+        preflight.noise(noise)
+        mean_t, std_t = floats(mean, "--mean"), floats(std, "--std")  # all before torch is imported
         from normsurgeon.calibrate import distributed
         from normsurgeon.calibrate.data import load_data
         from normsurgeon.calibrate.evaluate import evaluate
-        from normsurgeon.calibrate.noise import parse_noise
 
-        parse_noise(noise)
-        mean_t, std_t = floats(mean, "--mean"), floats(std, "--std")
         with distributed.process_group() as (rank, world):
             m = common.load(model, weights, trust_pickle, trust_code)
             dataset = load_data(data, image_size=image_size, mean=mean_t, std=std_t)

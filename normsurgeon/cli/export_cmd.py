@@ -31,13 +31,16 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Fold, export to ONNX, optimize the graph (no BatchNormalization, no constant-only nodes),
         run the ONNX checker and optionally verify with ONNX Runtime."""
-        from normsurgeon.deploy.export import check_options, export_onnx
-        from normsurgeon.graph.probe import parse_shape
-        from normsurgeon.model_io import check_output
+        from normsurgeon import preflight
+        from normsurgeon.deploy.export import check_options
+        from normsurgeon.publish import check_output
 
+        preflight.model_spec(model)
         check_output(output, force, kind="onnx")
-        check_options(opset, exporter, channel_affine)  # bad options fail before the model is loaded
-        shape = parse_shape(input_shape)
+        check_options(opset, exporter, channel_affine)
+        shape = preflight.shape(input_shape)  # every check above runs before torch is imported
+        from normsurgeon.deploy.export import export_onnx
+
         m = common.load(model, weights, trust_pickle, trust_code)
         with common.status("exporting"):
             rep = export_onnx(m, output, input_shape=shape, opset=opset,

@@ -26,14 +26,18 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Fold BatchNorm, weight standardization and other per-channel constants into the
         neighbouring convs/linears, and save the folded model. Every fold and every leftover is listed."""
-        from normsurgeon.graph.probe import parse_shape
-        from normsurgeon.model_io import check_output, save_model
+        from normsurgeon import preflight
+        from normsurgeon.publish import check_output
+
+        preflight.model_spec(model)
+        shape = preflight.shape(input_shape)
+        check_output(output, force)  # every check above runs before torch is imported
+        from normsurgeon.model_io import save_model
         from normsurgeon.passes.fold import fold
 
-        check_output(output, force)
         m = common.load(model, weights, trust_pickle, trust_code)
         with common.status("folding"):
-            result = fold(m, input_shape=parse_shape(input_shape), keep=tuple(keep), verify=verify)
+            result = fold(m, input_shape=shape, keep=tuple(keep), verify=verify)
         path = save_model(result.model, output, force=force)
         extra = {"remaining BatchNorm": result.info.get("remaining_batchnorm", 0),
                  "fold seconds": result.info.get("fold_seconds")}

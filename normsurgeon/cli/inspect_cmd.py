@@ -22,12 +22,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """List every normalization layer, its producer and consumers, whether torch.fx can trace the
         model, and what convert and fold would do to each layer."""
-        from normsurgeon.graph.probe import parse_shape
-        from normsurgeon.passes.inspect import inspect
+        from normsurgeon import preflight
         from normsurgeon.recipes import parse_recipe
 
+        preflight.model_spec(model)
         parse_recipe(to)
-        shape = parse_shape(input_shape)  # bad shapes fail before the model is built
+        shape = preflight.shape(input_shape)  # every check above runs before torch is imported
+        from normsurgeon.passes.inspect import inspect
+
         m = common.load(model, weights, trust_pickle, trust_code)
         with common.status("inspecting"):
             rep = inspect(m, to=to, input_shape=shape)

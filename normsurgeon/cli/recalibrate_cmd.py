@@ -68,15 +68,19 @@ def register(app: typer.Typer) -> None:
         verbose: bool = common.verbose_opt(),
     ) -> None:
         """Re-estimate BatchNorm (and recipe-layer) running statistics on data, exactly pooled."""
+        from normsurgeon import preflight
+        from normsurgeon.publish import check_output
+
+        preflight.model_spec(model)
+        preflight.data_spec(data)
+        preflight.noise(noise)
+        mean_t, std_t = floats(mean, "--mean"), floats(std, "--std")
+        check_output(output, force)  # every check above runs before torch is imported
         from normsurgeon.calibrate import distributed
         from normsurgeon.calibrate.data import load_data
-        from normsurgeon.calibrate.noise import parse_noise
         from normsurgeon.calibrate.recalibrate import recalibrate
-        from normsurgeon.model_io import check_output, save_model
+        from normsurgeon.model_io import save_model
 
-        parse_noise(noise)
-        mean_t, std_t = floats(mean, "--mean"), floats(std, "--std")
-        check_output(output, force)
         with distributed.process_group() as (rank, world):
             m = common.load(model, weights, trust_pickle, trust_code)
             dataset = load_data(data, image_size=image_size, mean=mean_t, std=std_t)

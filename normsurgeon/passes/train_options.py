@@ -15,30 +15,12 @@ import torch
 from torch import fx, nn
 
 from normsurgeon.errors import RecipeError
+from normsurgeon.preflight import INIT_CHOICES, INPUT_NORM_CHOICES, check_init, input_norm_kind  # noqa: F401
 from normsurgeon.graph.modules import matches, set_submodule
 from normsurgeon.report import Change
 
-INIT_CHOICES = ("revisited",)
 REVISITED_GAMMA = 0.1  # revisiting-bn: bn_weight = 0.1
 INPUT_NORM_NAME = "input_norm"
-INPUT_NORM_CHOICES = ("bn", "dain")
-
-
-def input_norm_kind(value) -> str | None:
-    """``False``/None -> None, ``True`` -> "bn", else the lower-cased name (RecipeError if unknown)."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return "bn"
-    kind = str(value).strip().lower()
-    if kind not in INPUT_NORM_CHOICES:
-        raise RecipeError(f"unknown --input-norm {value!r}; valid: {', '.join(INPUT_NORM_CHOICES)}")
-    return kind
-
-
-def check_init(init: str | None) -> None:
-    if init is not None and init not in INIT_CHOICES:
-        raise RecipeError(f"unknown --init {init!r}; valid: {', '.join(INIT_CHOICES)}")
 
 
 def _norm_with_scale(m: nn.Module) -> bool:
