@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         input_shape: Optional[str] = common.input_shape_opt(),
         runs: int = typer.Option(50, "--runs", help="Timed runs per row."),
         warmup: int = typer.Option(10, "--warmup", help="Untimed warm-up runs per row."),
-        threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for ORT and torch."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for ORT and torch (default: each library's own)."),
         no_torch: bool = typer.Option(False, "--no-torch", help="Skip the PyTorch eager rows."),
         as_json: bool = common.json_opt(),
     ) -> None:
@@ -58,10 +58,12 @@ def register(app: typer.Typer) -> None:
         b = None
         if compare:
             b = compare if compare.endswith(".onnx") else common.load(compare, None, trust_pickle, trust_code)
-        with common.status("benchmarking"):
+        steps = (not model.endswith(".onnx")) + bool(compare and not compare.endswith(".onnx")) + len(batches)
+        bar, advance = common.progress_bar(steps, "benchmarking", unit="steps")
+        with bar:
             rep = bench(a, provider=provider, batch_sizes=batches, fp16=fp16, compare=b, input_shape=shape,
                         runs=runs, warmup=warmup, threads=threads, torch_eager=not no_torch,
-                        labels=(model, compare or "compare"))
+                        labels=(model, compare or "compare"), progress=lambda done, total: advance(1))
         if as_json:
             common.print_json(rep.to_dict(), "bench")
             return

@@ -133,6 +133,36 @@ def load(spec: str, weights: str | None, trust_pickle: bool, trust_code: bool = 
 JSON_SCHEMA_VERSION = 1  # docs/json.md: every verb's --json object
 
 
+class NoProgress:
+    """The context manager standing in for a progress bar off a terminal."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def progress_bar(total: int, label: str, unit: str = "samples"):
+    """A rich progress bar on stderr with rate and time remaining; returns (context, advance). When
+    stderr is not a terminal (logs, CI, pipes) there is no bar and nothing is printed."""
+    if not err_console().is_terminal:
+        return NoProgress(), lambda n=1: None
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:,.1f} {unit}/s" if task.speed else f"- {unit}/s")
+
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn(), console=err_console(), transient=True)
+    task = bar.add_task(label, total=total)
+    return bar, lambda n=1: bar.advance(task, n)
+
+
 def print_json(obj: dict, verb: str) -> None:
     """One JSON object: ``schema_version`` and ``verb`` first, then the verb's snake_case fields."""
     d = {"schema_version": JSON_SCHEMA_VERSION, "verb": verb}

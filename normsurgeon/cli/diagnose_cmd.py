@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
                                             "noise with std ETA*max|W| per conv/linear layer."),
         noise_mode: str = typer.Option("fixed", "--noise-mode", help="fixed: one noise instance (a given chip); "
                                        "resample: fresh noise per batch."),
-        noise_seed: Optional[int] = typer.Option(None, "--noise-seed", help="Noise instance (fixed) or stream (resample)."),
+        noise_seed: Optional[int] = typer.Option(None, "--noise-seed", help="Noise instance (fixed) or stream (resample); default 0."),
         noise_samples: int = typer.Option(1, "--noise-samples", help="resample: noise draws per batch (K)."),
         image_size: Optional[int] = typer.Option(None, "--image-size", help="Image folders: resize and crop to this (default 224)."),
         mean: Optional[str] = typer.Option(None, "--mean", help="Image folders: per-channel mean (default ImageNet's)."),

@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(..., "--data", help=DATA_HELP + " Needs labels y.", show_default=False),
         noise: Optional[str] = typer.Option(None, "--noise", help="Simulated analog noise, weight:ETA (as in recalibrate)."),
         noise_seed: Optional[int] = typer.Option(None, "--noise-seed", help="Noise instance; the same seed as recalibrate "
-                                       "--noise-mode fixed gives the same instance."),
+                                       "--noise-mode fixed gives the same instance; default 0."),
         batch_size: int = typer.Option(256, "--batch-size", help="Samples per forward pass."),
         samples: Optional[int] = typer.Option(None, "--samples", help="Use at most this many samples."),
         image_size: Optional[int] = typer.Option(None, "--image-size", help="Image folders: resize and crop to this (default 224)."),

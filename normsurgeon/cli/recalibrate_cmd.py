@@ -22,22 +22,7 @@ def floats(text: Optional[str], flag: str):
         raise DataError(f"bad {flag} {text!r}: write comma-separated numbers, e.g. 0.485,0.456,0.406") from None
 
 
-def progress_bar(total: int, label: str):
-    """A rich progress bar on stderr showing samples/s; returns (context, callback). When stderr is
-    not a terminal (logs, CI, pipes) there is no bar and nothing is printed."""
-    if not common.err_console().is_terminal:
-        return _null(), lambda n: None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        def render(self, task):
-            return Text(f"{task.speed:,.0f} samples/s" if task.speed else "- samples/s")
-
-    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
-                   console=common.err_console(), transient=True)
-    task = bar.add_task(label, total=total)
-    return bar, lambda n: bar.advance(task, n)
+progress_bar = common.progress_bar  # shared by the data verbs (evaluate, diagnose, distill)
 
 
 def register(app: typer.Typer) -> None:
@@ -47,14 +32,14 @@ def register(app: typer.Typer) -> None:
         model: str = common.model_arg(),
         data: str = typer.Option(..., "--data", help=DATA_HELP, show_default=False),
         output: str = common.output_opt(),
-        batches: Optional[int] = typer.Option(None, "--batches", help="Use at most this many batches."),
+        batches: Optional[int] = typer.Option(None, "--batches", help="Use at most this many batches (default: all)."),
         samples: Optional[int] = typer.Option(None, "--samples", help="Use at most this many samples (default: all)."),
         batch_size: int = typer.Option(32, "--batch-size", help="Samples per batch (per forward pass)."),
         noise: Optional[str] = typer.Option(None, "--noise", help="Simulated analog noise: weight:ETA = Gaussian "
                                             "noise with std ETA*max|W| per conv/linear layer."),
         noise_mode: str = typer.Option("fixed", "--noise-mode", help="fixed: one noise instance (a given chip); "
                                        "resample: fresh noise per batch, statistics for any chip."),
-        noise_seed: Optional[int] = typer.Option(None, "--noise-seed", help="Noise instance (fixed) or stream (resample)."),
+        noise_seed: Optional[int] = typer.Option(None, "--noise-seed", help="Noise instance (fixed) or stream (resample); default 0."),
         noise_samples: int = typer.Option(1, "--noise-samples", help="resample: noise draws per batch (K)."),
         image_size: Optional[int] = typer.Option(None, "--image-size", help="Image folders: resize and crop to this (default 224)."),
         mean: Optional[str] = typer.Option(None, "--mean", help="Image folders: per-channel mean (default ImageNet's)."),
@@ -105,9 +90,4 @@ def register(app: typer.Typer) -> None:
         common.render_result(result, "recalibrate", as_json, str(path), extra, verbose=verbose)
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+_null = common.NoProgress

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -75,6 +75,7 @@ def bench(
     torch_eager: bool = True,
     threads: int | None = None,
     labels: tuple[str, str] = ("model", "compare"),
+    progress: Callable[[int, int], None] | None = None,
 ) -> BenchReport:
     """Benchmark ``model`` (an nn.Module, exported on the fly after fold, or a path to an .onnx file)
     and optionally ``compare`` (same kinds) on ONNX Runtime and PyTorch eager.
@@ -84,6 +85,7 @@ def bench(
     All targets get one input shape: ``input_shape``, else a fixed shape from an .onnx file, else the
     module's own; an .onnx file that cannot take it is an error. A given .onnx file runs as it is, so
     ``fp16`` (export in fp16) is refused for an fp32 file.
+    ``progress(done, total)`` is called after each export and each timed batch size (for a bar).
     """
     import torch
 
@@ -107,19 +109,21 @@ def bench(
         torch.set_num_threads(int(threads))  # restored below: the caller's process keeps its setting
     try:
         return _run(rep, models, files, labels, batch_sizes, shape, choice, compare, runs, warmup, threads,
-                    torch_eager, fp16, min_seconds)
+                    torch_eager, fp16, min_seconds, progress or (lambda done, total: None))
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run(rep, models, files, labels, batch_sizes, shape, choice, compare, runs, warmup, threads, torch_eager,
-         fp16, min_seconds):
+         fp16, min_seconds, progress):
     import torch
 
     from normsurgeon.deploy import ort
 
     if compare is not None:
         rep.notes.append("sessions timed in turn run with intra-op spinning off (fair interleaving)")
+    steps = sum(f is None for f in files) + len(batch_sizes)
+    done = 0
     with tempfile.TemporaryDirectory(prefix="ns-bench-") as work:
         targets = []
         for m, f, label, name in zip(models, files, labels, ("model", "compare")):
@@ -127,7 +131,10 @@ def _run(rep, models, files, labels, batch_sizes, shape, choice, compare, runs, 
                 targets.append(_Target(label, str(m), None, f.dims[0] if f.dims else None))
             else:  # the user's text is only a label: the export goes to a fixed name inside ``work``
                 targets.append(_export(m, label, os.path.join(work, f"{name}.onnx"), fp16, rep))
+                done += 1
+                progress(done, steps)
         for b in batch_sizes:
+            done += 1
             usable = [t for t in targets if t.static_batch in (None, b)]
             for t in targets:
                 if t not in usable:
@@ -152,6 +159,7 @@ def _run(rep, models, files, labels, batch_sizes, shape, choice, compare, runs, 
                 times = _interleaved(runners, max(2, warmup // 2), runs, min_seconds)
                 for t, ts in zip(eager, times):
                     rep.rows.append(_row(t.label, f"torch-{dev}", b, ts))
+            progress(done, steps)
     rep.ratios = _ratios(rep.rows, labels)
     rep.environment = _environment(choice, threads)
     return rep
