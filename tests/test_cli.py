@@ -108,7 +108,7 @@ def test_convert_json_factory_and_untraceable_fallback(work):
     assert d["verification"]["ok"] and d["verification"]["max_rel_error"] <= 1e-5
     assert d["output"].endswith("b.pt")
     proc = run_cli("convert", "b.pt", "--to", "gn+ws", "-o", "c.safetensors", "--json", "--input-shape", "2,3,8,8",
-                   cwd=work)
+                   "--trust-code", cwd=work)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["summary"] == {"fallback": 1}  # nothing left to convert: all frozen
     sys.path.insert(0, str(work))
@@ -132,7 +132,7 @@ def test_convert_table_pickle_opt_in_keep_and_layer(work):
     proc = run_cli("convert", "full.pt", "--trust-pickle", "--to", "gn+ws", "-o", "p.pt", "--input-shape",
                    "2,3,8,8", cwd=work)
     assert proc.returncode == 0, proc.stderr
-    assert "replaced" in proc.stdout and "standardized" in proc.stdout and "path: fx" in proc.stdout
+    assert "1 standardized, 1 replaced (fx)" in proc.stdout and "normsurgeon distill p.pt" in proc.stdout
     proc = run_cli("convert", "torchvision:resnet18", "--to", "gn+ws", "-o", "r.pt", "--keep", "layer4.1.*",
                    "--layer", "layer3.*=ln", "--json", *SHAPE, cwd=work)
     assert proc.returncode == 0, proc.stderr
