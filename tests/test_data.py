@@ -68,3 +68,30 @@ def test_bad_specs(tmp_path):
         load_data(tmp_path / "missing.npz")
     with pytest.raises(DataError, match="image folders only"):
         load_data("digits", image_size=32)
+
+
+def test_a_dataloader_is_data_for_recalibrate_and_evaluate():
+    """Any iterable of batches works as data in Python: the result equals the same tensors given
+    directly (an independent path), and bad batches are one clear DataError."""
+    import pytest
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import normsurgeon
+    from normsurgeon.calibrate.data import load_digits
+    from normsurgeon.errors import DataError
+
+    d = load_digits("test")
+    loader = DataLoader(TensorDataset(d.x, d.y), batch_size=50, shuffle=False)
+    model = normsurgeon.load_model("normsurgeon:digits_cnn")
+    a = normsurgeon.recalibrate(model, loader, batch_size=32).model
+    b = normsurgeon.recalibrate(model, (d.x, d.y), batch_size=32).model
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    ev = normsurgeon.evaluate(a, ({"x": x, "y": y} for x, y in loader))
+    direct = normsurgeon.evaluate(a, (d.x, d.y))
+    assert ev["samples"] == len(d) and ev["data"] == "batches"
+    assert {k: v for k, v in ev.items() if k != "data"} == {k: v for k, v in direct.items() if k != "data"}
+    with pytest.raises(DataError, match="label every batch or none"):
+        normsurgeon.evaluate(a, iter([(d.x[:4], d.y[:4]), d.x[4:8]]))
+    with pytest.raises(DataError, match="no batches"):
+        normsurgeon.recalibrate(model, iter([]))

@@ -264,13 +264,45 @@ def check_tensors(x, y, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def as_dataset(data, *, image_size: int | None = None, mean: Sequence[float] | None = None,
                std: Sequence[float] | None = None) -> Dataset:
-    """Accept a Dataset, a DATA spec, a tensor ``x``, or a pair ``(x, y)``."""
+    """Accept a Dataset, a DATA spec, a tensor ``x``, a pair ``(x, y)``, or any other iterable of
+    batches (a ``torch.utils.data.DataLoader``, a generator): each batch a tensor ``x``, a pair
+    ``(x, y)`` or a dict with ``"x"`` (and ``"y"``). An iterable is read once, into memory."""
     if isinstance(data, Dataset):
         return data
     if isinstance(data, (str, os.PathLike)):
         return load_data(data, image_size=image_size, mean=mean, std=std)
     if isinstance(data, torch.Tensor):
         return TensorData(data)
-    if isinstance(data, (tuple, list)) and len(data) == 2:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         return TensorData(data[0], data[1])
-    raise DataError(f"cannot use {type(data).__name__} as data: pass a DATA spec, a tensor x, or (x, y)")
+    if hasattr(data, "__iter__"):
+        return _from_batches(data)
+    raise DataError(f"cannot use {type(data).__name__} as data: pass a DATA spec, a tensor x, (x, y), or an "
+                    "iterable of batches such as a DataLoader")
+
+
+def _from_batches(batches) -> TensorData:
+    xs, ys = [], []
+    for i, batch in enumerate(batches):
+        if isinstance(batch, dict):
+            x, y = batch.get("x"), batch.get("y")
+        elif isinstance(batch, (tuple, list)) and batch:
+            x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+        else:
+            x, y = batch, None
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            raise DataError(f"batch {i} of the data is {type(x).__name__}, not a tensor of samples: yield x, "
+                            "(x, y) or {'x': x, 'y': y}")
+        if ys and (y is None) != (ys[0] is None):
+            raise DataError(f"batch {i} of the data {'lacks' if y is None else 'adds'} labels: label every "
+                            "batch or none")
+        xs.append(x.detach().cpu())
+        ys.append(None if y is None else torch.as_tensor(y).detach().cpu())
+    if not xs:
+        raise DataError("the data yielded no batches")
+    try:
+        x = torch.cat(xs)
+        y = None if ys[0] is None else torch.cat(ys)
+    except RuntimeError as e:
+        raise DataError(f"the data's batches do not stack into one set of samples ({first_line(e)})") from None
+    return TensorData(x, y, name="batches")
