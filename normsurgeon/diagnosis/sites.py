@@ -49,9 +49,9 @@ PASS_THROUGH: tuple[type, ...] = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Drop
 
 def _norm_types() -> tuple[type, ...]:
     import normsurgeon.layers as L
+    from normsurgeon.recipes.registry import layer_classes
 
-    ours = (L.BatchGroupNorm, L.ChannelGroupNorm, L.EstimatedBatchNorm, L.FrozenBatchNorm,
-            L.GeneralizedBatchNorm, L.GhostBatchNorm, L.InputNorm)
+    ours = layer_classes(norm=True) + (L.InputNorm,)
     torch_norms = [_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm]
     if hasattr(nn, "RMSNorm"):
         torch_norms.append(nn.RMSNorm)

@@ -24,14 +24,13 @@ INPUT_NORM_NAME = "input_norm"
 
 
 def _norm_with_scale(m: nn.Module) -> bool:
+    """torch's norms and every norm layer a registered recipe declares, when they carry a scale."""
     from torch.nn.modules.batchnorm import _BatchNorm
     from torch.nn.modules.instancenorm import _InstanceNorm
 
-    import normsurgeon.layers as L
+    from normsurgeon.recipes.registry import layer_classes
 
-    types = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, L.EstimatedBatchNorm, L.ChannelGroupNorm,
-             L.BatchGroupNorm, L.GeneralizedBatchNorm, L.CrossIterationBatchNorm, L.BatchKalmanNorm,
-             L.InstanceEnhancedBatchNorm)
+    types = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm) + layer_classes(norm=True)
     return isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor)
 
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from normsurgeon.recipes.groups import choose_groups, spatial_size
-from normsurgeon.recipes.registry import WS_OPTIONS, BuildContext, RecipeEntry, Replacement, register
+from normsurgeon.recipes.registry import WS_OPTIONS, BuildContext, LayerSpec, RecipeEntry, Replacement, register
+
+WS_LAYERS = tuple(LayerSpec(f"normsurgeon.layers.ws_conv:WSConv{d}d", norm=False) for d in (1, 2, 3))
 
 
 def positive_int(value: int) -> str | None:
@@ -95,7 +97,7 @@ register(RecipeEntry(
 register(RecipeEntry(
     "gn+ws", "GroupNorm(G) + weight standardization of the producing conv (Qiao et al.)",
     _gn_ws, arg_name="groups", arg_type=int, default=32, check_arg=positive_int, folds="partial",
-    options=WS_OPTIONS))
+    options=WS_OPTIONS, layers=WS_LAYERS))
 register(RecipeEntry(
     "frozen", "BN's eval-mode affine with fixed buffers: exactly function-preserving",
-    _frozen, folds="yes"))
+    _frozen, folds="yes", layers=(LayerSpec("normsurgeon.layers.frozen_bn:FrozenBatchNorm"),)))

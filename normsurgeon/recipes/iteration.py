@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from normsurgeon.recipes.basic import like_bn, positive_int
 from normsurgeon.recipes.registry import (
-    BuildContext, RecipeEntry, RecipeOption, Replacement, nonnegative_int, register, unit_rate,
+    BuildContext, LayerSpec, RecipeEntry, RecipeOption, Replacement, nonnegative_int, register, unit_rate,
 )
 
 
@@ -85,12 +85,16 @@ register(RecipeEntry(
     _cbn, arg_name="window", arg_type=int, default=8, check_arg=positive_int,
     batch_independent_train=False, folds="yes",
     options=(RecipeOption("cbn_burnin", "iterations before statistics are pooled across iterations",
-                          nonnegative_int),)))
+                          nonnegative_int),),
+    layers=(LayerSpec("normsurgeon.layers.cbn:CrossIterationBatchNorm"),)))
 register(RecipeEntry(
     "bkn", "Batch Kalman Norm: micro-batch statistics combined with a prior from the preceding layer (Wang et al.)",
     _bkn, batch_independent_train=False, folds="yes",
-    options=(RecipeOption("bkn_gain", "weight of the batch statistics against the prior", unit_rate),)))
+    options=(RecipeOption("bkn_gain", "weight of the batch statistics against the prior", unit_rate),),
+    layers=(LayerSpec("normsurgeon.layers.bkn:BatchKalmanNorm"),)))
 register(RecipeEntry(
     "iebn", "Instance-Enhancement BN: BN scale gated per instance by sigmoid(w GAP(x) + b) (Liang et al.); "
     "fold keeps the gate",
-    _iebn, batch_independent_train=False, folds="partial"))
+    _iebn, batch_independent_train=False, folds="partial",
+    layers=(LayerSpec("normsurgeon.layers.iebn:InstanceEnhancedBatchNorm"),
+            LayerSpec("normsurgeon.layers.iebn:IEBNGate", norm=False))))

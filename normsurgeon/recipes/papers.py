@@ -7,11 +7,14 @@ micro-batch path), ``bcn_rate`` (0.1).
 """
 from __future__ import annotations
 
-from normsurgeon.recipes.basic import copy_affine, group_norm_from_bn, like_bn, positive_int, ws_producer
+from normsurgeon.recipes.basic import WS_LAYERS, copy_affine, group_norm_from_bn, like_bn, positive_int, ws_producer
 from normsurgeon.recipes.groups import choose_groups, spatial_size
 from normsurgeon.recipes.registry import (
-    BCN_OPTIONS, PN_OPTIONS, WS_OPTIONS, BuildContext, RecipeEntry, Replacement, register,
+    BCN_OPTIONS, PN_OPTIONS, WS_OPTIONS, BuildContext, LayerSpec, RecipeEntry, Replacement, register,
 )
+
+PN_LAYERS = (LayerSpec("normsurgeon.layers.proxy_norm:ProxyNorm", norm=False),)
+GENERALIZED = (LayerSpec("normsurgeon.layers.example_bn:GeneralizedBatchNorm"),)
 
 PN_NORM_EPS = 1e-3  # Graphcore EfficientNet --norm-epsilon default
 PN_GROUPS = 4  # Graphcore --groups default (4 groups)
@@ -153,31 +156,33 @@ def _ebn(ctx: BuildContext) -> Replacement:
 
 register(RecipeEntry(
     "ln+pn", "LayerNorm + proxy normalization after the activation (Labatie et al.)",
-    _ln_pn, folds="partial", options=PN_OPTIONS))
+    _ln_pn, folds="partial", options=PN_OPTIONS, layers=PN_LAYERS))
 register(RecipeEntry(
     "gn+pn", "GroupNorm(G, default 4) + proxy normalization after the activation",
     _gn_pn, arg_name="groups", arg_type=int, default=PN_GROUPS, check_arg=positive_int, folds="partial",
-    options=PN_OPTIONS))
+    options=PN_OPTIONS, layers=PN_LAYERS))
 register(RecipeEntry(
     "gn+ws+pn", "GroupNorm(G, default 4) + weight standardization + proxy normalization",
     _gn_ws_pn, arg_name="groups", arg_type=int, default=PN_GROUPS, check_arg=positive_int, folds="partial",
-    options=WS_OPTIONS + PN_OPTIONS))
+    options=WS_OPTIONS + PN_OPTIONS, layers=WS_LAYERS + PN_LAYERS))
 register(RecipeEntry(
     "bcn", "Batch-Channel Norm: BN (running-estimate EstBN path) then 32-group channel norm (Qiao et al.)",
     _bcn, arg_name="groups", arg_type=int, default=32, check_arg=positive_int,
-    batch_independent_train=False, folds="partial", options=BCN_OPTIONS))
+    batch_independent_train=False, folds="partial", options=BCN_OPTIONS,
+    layers=(LayerSpec("normsurgeon.layers.bcn:EstimatedBatchNorm"), LayerSpec("normsurgeon.layers.bcn:ChannelGroupNorm"),
+            LayerSpec("normsurgeon.layers.bcn:BatchChannelNorm", norm=False, leaf=False))))
 register(RecipeEntry(
     "bgn", "Batch Group Norm: batch statistics over G channel groups (Zhou et al.; G default 32, unverified)",
     _bgn, arg_name="groups", arg_type=int, default=BGN_GROUPS, check_arg=positive_int,
-    batch_independent_train=False, folds="yes"))
+    batch_independent_train=False, folds="yes", layers=(LayerSpec("normsurgeon.layers.batch_group_norm:BatchGroupNorm"),)))
 register(RecipeEntry(
     "ghost", "Ghost BN: training statistics over virtual batches of B samples (default 16)",
     _ghost, arg_name="batch", arg_type=int, default=16, check_arg=positive_int,
-    batch_independent_train=False, folds="yes"))
+    batch_independent_train=False, folds="yes", layers=(LayerSpec("normsurgeon.layers.ghost_bn:GhostBatchNorm"),)))
 register(RecipeEntry(
     "bn+gn", "Batch+Group norm: statistics over 32 channel groups x pairs of samples (Summers & Dinneen)",
-    _bn_gn, batch_independent_train=False, folds="yes"))
+    _bn_gn, batch_independent_train=False, folds="yes", layers=GENERALIZED))
 register(RecipeEntry(
     "ebn", "BN with inference example weighting alpha (default 0.5; Summers & Dinneen); alpha>0 not foldable",
     _ebn, arg_name="alpha", arg_type=float, default=EBN_ALPHA, check_arg=_unit_interval,
-    batch_independent_train=False, folds="no"))
+    batch_independent_train=False, folds="no", layers=GENERALIZED))

@@ -96,6 +96,24 @@ BCN_OPTIONS = (RecipeOption("bcn_estimate", "use running estimates in the BN par
 
 
 @dataclass(frozen=True)
+class LayerSpec:
+    """A layer class a recipe creates: ``cls`` is the class or ``"module:Class"`` (imported on first
+    use, so listing recipes needs no torch). ``norm``: a normalization layer whose ``weight``/``bias``
+    are its scale and shift (counted as a norm by inspect and diagnose; re-initialized by ``--init``).
+    ``leaf``: torch.fx keeps it whole (a container whose parts fold separately is not a leaf)."""
+
+    cls: Any
+    norm: bool = True
+    leaf: bool = True
+
+    def resolve(self) -> type:
+        if isinstance(self.cls, str):
+            module, _, name = self.cls.partition(":")
+            return getattr(importlib.import_module(module), name)
+        return self.cls
+
+
+@dataclass(frozen=True)
 class RecipeEntry:
     name: str
     summary: str  # one line, shown by --help and inspect
@@ -107,6 +125,7 @@ class RecipeEntry:
     folds: str = "yes"  # yes | partial | no: what `fold` can remove at eval
     check_arg: Callable[[Any], str | None] | None = None  # returns an error message or None
     options: tuple[RecipeOption, ...] = ()  # keyword options its builder reads
+    layers: tuple[LayerSpec, ...] = ()  # the layer classes its builder creates (torch's own need none)
 
     def usage(self) -> str:
         return self.name if self.arg_name is None else f"{self.name}[:{self.arg_name.upper()}]"
@@ -117,6 +136,25 @@ def register(entry: RecipeEntry) -> RecipeEntry:
         raise ValueError(f"recipe {entry.name!r} registered twice")
     _REGISTRY[entry.name] = entry
     return entry
+
+
+def unregister(name: str) -> None:
+    """Remove a recipe (for code that registered one for a while, e.g. a test)."""
+    _REGISTRY.pop(name, None)
+
+
+def layer_classes(*, norm: bool | None = None, leaf: bool | None = None) -> tuple[type, ...]:
+    """The layer classes registered recipes declare, filtered by their ``norm``/``leaf`` flags: what
+    tracing keeps whole, what counts as a norm layer with a scale. Built from the registry on every
+    call, so a recipe registered at run time is covered at once."""
+    out: list[type] = []
+    for entry in all_recipes():
+        for spec in entry.layers:
+            if (norm is None or spec.norm == norm) and (leaf is None or spec.leaf == leaf):
+                cls = spec.resolve()
+                if cls not in out:
+                    out.append(cls)
+    return tuple(out)
 
 
 def _load() -> None:
