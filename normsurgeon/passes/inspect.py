@@ -24,13 +24,10 @@ def norm_types() -> tuple[type, ...]:
     from normsurgeon.graph.trace import norm_leaf_types
     from torch.nn.modules.conv import _ConvNd
 
-    extra = tuple(t for t in norm_leaf_types() if not issubclass(t, (_ConvNd, nn.Linear)))
-    try:
-        from torchvision.ops.misc import FrozenBatchNorm2d
+    from normsurgeon.passes.fold_rules import frozen_bn_types, per_sample_norm_types
 
-        extra += (FrozenBatchNorm2d,)
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        pass
+    extra = tuple(t for t in norm_leaf_types() if not issubclass(t, (_ConvNd, nn.Linear)))
+    extra += frozen_bn_types() + per_sample_norm_types()
     return (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm) + extra
 
 
