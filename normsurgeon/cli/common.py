@@ -149,7 +149,10 @@ def render_result(result, title: str, as_json: bool, extra: dict | None = None) 
     if v is not None:
         tol = f" (limit {v.tolerance:.0e})" if v.tolerance is not None else " (not function-preserving by design)"
         mark = "[green]ok[/]" if v.ok else "[red]FAILED[/]"
-        out.print(f"verification: max rel error {v.max_rel_error:.2e}, max abs {v.max_abs_error:.2e}{tol} {mark}")
+        where = "" if v.compared == "output" else f" ({escape(v.compared)})"
+        out.print(f"verification{where}: max rel error {v.max_rel_error:.2e}, max abs {v.max_abs_error:.2e}{tol} {mark}")
+        if v.problem:
+            out.print(f"[red]{escape(v.problem)}[/]")
         if v.batch_independent is not None:
             bi = "[green]yes[/]" if v.batch_independent else "[red]no[/]"
             out.print(f"batch-independent in eval: {bi}")

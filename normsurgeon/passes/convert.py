@@ -30,7 +30,7 @@ from normsurgeon.graph.modules import (
 from normsurgeon.graph.functional_bn import is_functional_bn, read_functional_bn
 from normsurgeon.graph.probe import ModuleUse, ProbeError, observe, probe_input
 from normsurgeon.graph.trace import try_trace
-from normsurgeon.graph.verify import batch_independence_error, compare
+from normsurgeon.graph.verify import batch_independence_error, compare, raise_if_unverifiable
 from normsurgeon.layers.norm_act import NormAct, bn_extras
 from normsurgeon.passes import train_options
 from normsurgeon.recipes import BuildContext, Recipe, get_entry, parse_recipe
@@ -102,6 +102,8 @@ def convert(
     inherent = not ver.batch_independent and batch_independence_error(model, x) > BATCH_INDEPENDENCE_TOLERANCE
     if inherent:  # eval BN never mixes samples: the model's own forward does
         ver.note = "the original model already mixes samples in eval (its forward does, not a norm layer)"
+    if verify:
+        raise_if_unverifiable(ver, f"convert --to {recipe}")
     if verify and not ver.ok:
         raise VerificationError(
             f"convert --to {recipe} changed outputs by {ver.max_rel_error:.2e} relative (limit {ver.tolerance:.0e})"

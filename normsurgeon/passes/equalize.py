@@ -41,7 +41,7 @@ from normsurgeon import provenance
 from normsurgeon.errors import RecipeError, TraceError, VerificationError
 from normsurgeon.graph.probe import probe_input
 from normsurgeon.graph.trace import try_trace
-from normsurgeon.graph.verify import compare
+from normsurgeon.graph.verify import compare, raise_if_unverifiable
 from normsurgeon.report import Change, SurgeryResult
 
 TOLERANCE = 1e-5
@@ -341,6 +341,8 @@ def equalize(model: nn.Module, *, iters: int = 10, c: float = 1.0, verify: bool 
                               "balanced against " + ", ".join(cn.name for cn in pair.consumers)))
     new.train(model.training)
     ver = compare(model, new, x, TOLERANCE)
+    if verify:
+        raise_if_unverifiable(ver, "equalize")
     if verify and not ver.ok:
         raise VerificationError(f"equalize changed outputs by {ver.max_rel_error:.2e} relative (limit {TOLERANCE:.0e})")
     provenance.record(new, model, "equalize",

@@ -29,7 +29,7 @@ from normsurgeon.errors import TraceError, VerificationError
 from normsurgeon.graph.modules import check_patterns_used, describe, set_submodule
 from normsurgeon.graph.probe import probe_input
 from normsurgeon.graph.trace import try_trace
-from normsurgeon.graph.verify import compare
+from normsurgeon.graph.verify import compare, raise_if_unverifiable
 from normsurgeon.layers.affine import ChannelAffine
 from normsurgeon.layers.norm_act import NormAct
 from normsurgeon.passes import fold_math as fm
@@ -91,8 +91,10 @@ def fold(
     except Exception as e:  # noqa: BLE001 - the model itself fails on the probe input
         raise _probe_error(e, shape) from None
     info: dict = {}
-    if not ver.ok and x.dtype == torch.float32:
+    if not ver.ok and ver.problem is None and x.dtype == torch.float32:
         ver, info = _recheck_float64(model, new, x, ver)
+    if verify:
+        raise_if_unverifiable(ver, "fold")
     if verify and not ver.ok:
         raise VerificationError(
             f"fold changed outputs by {ver.max_rel_error:.2e} relative (limit {TOLERANCE:.0e}); "
@@ -127,7 +129,8 @@ def _recheck_float64(model: nn.Module, new: nn.Module, x: torch.Tensor, ver32):
     info["note"] = (f"float32 error {ver32.max_rel_error:.1e} is rounding amplified by the network (the model's own "
                     f"float32 output is off its float64 run by {noise:.1e}); the fold is exact in float64 "
                     f"({ver64.max_rel_error:.1e})")
-    return Verification(ver32.max_abs_error, ver32.max_rel_error, tolerance=limit), info
+    return Verification(ver32.max_abs_error, ver32.max_rel_error, tolerance=limit, compared=ver32.compared,
+                        note=ver32.note), info
 
 
 class _NotRunnable(Exception):
