@@ -109,6 +109,7 @@ def export_onnx(
     report = ExportReport(path=str(out), data_path=None, exporter=exporter, opset=int(opset),
                           input_shape=list(shape), dynamic_batch=dynamic_batch, fp16=fp16, folded=fold,
                           channel_affine=channel_affine, notes=notes)
+    _refuse_unexportable(model, shape)
     if fold:
         from normsurgeon.passes.fold import fold as fold_pass
 
@@ -182,6 +183,22 @@ def export_onnx(
     seconds["total"] = time.perf_counter() - t_start
     report.seconds = {k: round(v, 3) for k, v in seconds.items()}
     return report
+
+
+def _refuse_unexportable(model, shape) -> None:
+    """Stop before any work, with one reason, on models whose outputs ONNX cannot describe: a model
+    that fails on the probe is the input shape's fault (ProbeError); a detection model (a per-image
+    list of dicts whose box count depends on the data, decided by Python loops and NMS) is refused."""
+    from normsurgeon.graph.probe import probe_input, run_probe
+
+    x, out = run_probe(model, probe_input(model, shape))
+    if isinstance(x, list) or (isinstance(out, (list, tuple)) and out and all(isinstance(o, dict) for o in out)):
+        raise ExportError(
+            f"cannot export {type(model).__name__}: it returns one dict of detections per image, whose sizes "
+            "depend on the data (box filtering and NMS in Python); export its backbone instead "
+            "(a factory returning model.backbone)")
+    if not _flatten(out):
+        raise ExportError(f"cannot export {type(model).__name__}: its output holds no floating-point tensor")
 
 
 def _flatten(out):
@@ -258,7 +275,7 @@ def _quiet():
     prev = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -84,3 +84,26 @@ def node_label(node) -> str:
     if node.op == "call_method":
         return f".{node.target}()"
     return {"placeholder": "the model input", "output": "the model output"}.get(node.op, node.name)
+
+
+def check_traced(gm: fx.GraphModule, reference, x, rtol: float = 1e-5) -> str | None:
+    """Why the traced graph cannot stand in for the model on probe ``x`` (None: it can). ``reference``
+    is the eager model's output on ``x``. torch.fx records one path through the code: a graph can fail
+    at run time (MONAI's BasicUNet) or compute something else than eager (a branch on a traced value)."""
+    import torch
+
+    from normsurgeon.graph.verify import output_error
+
+    was = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            got = gm(x)
+    except Exception as e:  # noqa: BLE001 - any failure means: take the module-swap path
+        return f"the traced graph fails on the probe input ({_describe(e)})"
+    finally:
+        gm.train(was)
+    rel = output_error(reference, got)[1]
+    if not rel <= rtol:
+        return f"the traced graph's output differs from the model's on the probe input (max rel error {rel:.1e})"
+    return None

@@ -186,13 +186,22 @@ def batch_independence_error(model: nn.Module, x: torch.Tensor, train: bool = Fa
     try:
         with torch.no_grad():
             a = m(x)
-            other = x.clone()
             g = torch.Generator().manual_seed(1234)  # deterministic: the same verdict on every run
-            noise = torch.randn(other[1:].shape, generator=g, dtype=torch.float32)
-            other[1:] = (noise * 3.0 + 1.0).to(dtype=other.dtype, device=other.device)
+            if isinstance(x, (list, tuple)):  # a list of images (detection): replace all but the first
+                other = [x[0]] + [(torch.randn(t.shape, generator=g) * 3.0 + 1.0).to(t) for t in x[1:]]
+            else:
+                other = x.clone()
+                noise = torch.randn(other[1:].shape, generator=g, dtype=torch.float32)
+                other[1:] = (noise * 3.0 + 1.0).to(dtype=other.dtype, device=other.device)
             b = m(other)
     finally:
         m.train(was)
-    ra = [t[:1] for t in flatten_outputs(a)]
-    rb = [t[:1] for t in flatten_outputs(b)]
-    return output_error(ra, rb)[1]
+    return output_error(_sample0(a), _sample0(b))[1]
+
+
+def _sample0(out) -> list[torch.Tensor]:
+    """Sample 0's part of a batch output: a per-image list of dicts (detection) gives its first
+    element; tensors give their first row."""
+    if isinstance(out, (list, tuple)) and out and all(isinstance(o, dict) for o in out):
+        return flatten_outputs(out[0])
+    return [t[:1] for t in flatten_outputs(out)]

@@ -28,8 +28,8 @@ from normsurgeon.graph.modules import (
     set_submodule,
 )
 from normsurgeon.graph.functional_bn import is_functional_bn, read_functional_bn
-from normsurgeon.graph.probe import ModuleUse, ProbeError, observe, probe_input
-from normsurgeon.graph.trace import try_trace
+from normsurgeon.graph.probe import ModuleUse, ProbeError, input_shape_of, observe, probe_input, run_probe
+from normsurgeon.graph.trace import check_traced, try_trace
 from normsurgeon.graph.verify import batch_independence_error, compare, raise_if_unverifiable
 from normsurgeon.layers.norm_act import NormAct, bn_extras
 from normsurgeon.passes import train_options
@@ -65,12 +65,15 @@ def convert(
     overrides = {pat: parse_recipe(r, **options) for pat, r in (layers or {}).items()}
     shape = tuple(input_shape) if input_shape else None
     x = probe_input(model, shape)
-    shape = tuple(x.shape)
+    x, eager = run_probe(model, x)  # the model must run on the probe: else the shape is the user's to fix
+    shape = input_shape_of(x)
 
     traced = try_trace(copy.deepcopy(model))
     changes: list[Change] = []
     fx_error, uses = f"torch.fx cannot trace: {traced.error}", None
-    if traced.ok:
+    if traced.ok and (problem := check_traced(traced.graph_module, eager, x)) is not None:
+        fx_error = problem
+    elif traced.ok:
         try:  # functional BN first, so the probe sees the materialized modules too
             _materialize_functional_bn(traced.graph_module, changes)
             traced.graph_module.recompile()
