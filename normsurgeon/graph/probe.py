@@ -81,7 +81,10 @@ def first_layer_hint(model: nn.Module) -> str:
     for name, m in model.named_modules():
         where = f"its first layer {name or type(model).__name__} ({type(m).__name__}"
         if isinstance(m, nn.Conv1d):
-            return f"{where}, {m.in_channels} channels) suggests N,C,L, e.g. --input-shape 2,{m.in_channels},128"
+            hint = f"{where}, {m.in_channels} channels) suggests N,C,L, e.g. --input-shape 2,{m.in_channels},128"
+            if m.in_channels == 1:  # raw-audio models often add the channel axis themselves
+                hint += ", or N,L (e.g. --input-shape 2,16000) if the model adds the channel axis itself"
+            return hint
         if isinstance(m, nn.Conv2d):
             return f"{where}, {m.in_channels} channels) suggests N,C,H,W, e.g. --input-shape 2,{m.in_channels},64,64"
         if isinstance(m, nn.Conv3d):
