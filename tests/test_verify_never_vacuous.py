@@ -140,3 +140,17 @@ def test_cli_reports_what_was_compared(tmp_path):
     assert r.returncode == 0, r.stderr
     v = json.loads(r.stdout)["verification"]
     assert v["compared"] == "output" and v["ok"]
+
+
+def test_export_verify_refuses_to_compare_a_constant_output(tmp_path):
+    """ONNX Runtime returns outputs only: an all-zero output cannot verify the graph, so --verify fails
+    and nothing is written."""
+    import pytest
+
+    from normsurgeon.errors import VerificationError
+
+    out = tmp_path / "z.onnx"
+    with pytest.raises(VerificationError, match="cannot verify the ONNX graph.*all zero"):
+        normsurgeon.export_onnx(randomize_norm_stats(ZeroHead()).eval(), out, input_shape=(1, 3, 8, 8),
+                                exporter="torchscript", verify=True)
+    assert not out.exists()
