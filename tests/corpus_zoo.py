@@ -183,13 +183,22 @@ def run_verbs(entry: Entry, randomize: bool = True) -> Row:
     row.compared = fold.verification.compared
     row.independent_error = _independent_error(model, fold.model, entry.shape)
 
-    if entry.export:
-        with tempfile.TemporaryDirectory() as d:
-            r = normsurgeon.export_onnx(model, Path(d) / "m.onnx", input_shape=(1, *entry.shape[1:]),
-                                        exporter="torchscript", verify=True)
-        assert r.batchnorm_nodes == 0
-        row.export_error = r.verification["max_rel_error"]
-        row.export = f"ok ({r.exporter})"
+    if entry.export:  # TorchScript first (faster), then dynamo; a clean ExportError from both is recorded
+        failures = []
+        for exporter in ("torchscript", "dynamo"):
+            try:
+                with tempfile.TemporaryDirectory() as d:
+                    r = normsurgeon.export_onnx(model, Path(d) / "m.onnx", input_shape=(1, *entry.shape[1:]),
+                                                exporter=exporter, verify=True)
+            except ExportError as e:
+                failures.append(str(e))
+                continue
+            assert r.batchnorm_nodes == 0
+            row.export_error = r.verification["max_rel_error"]
+            row.export = f"ok ({r.exporter})"
+            break
+        else:
+            row.export = "torch.onnx cannot export it: " + " / ".join(f.split(" (")[1].split(")")[0] for f in failures)
     else:
         try:
             with tempfile.TemporaryDirectory() as d:
