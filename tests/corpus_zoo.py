@@ -131,6 +131,7 @@ class Row:
     export: str = ""  # "ORT rel err ..." or the refusal
     export_error: float | None = None
     seconds: float = 0.0
+    recalibrated: int = 0  # BN layers recalibrate re-estimated on random data
     independent_error: float | None = None  # fold, on an input no pass saw (None: output uninformative)
 
 
@@ -170,6 +171,10 @@ def run_verbs(entry: Entry, randomize: bool = True) -> Row:
     row.gnws_batch_independent = gnws.verification.batch_independent
     frozen = normsurgeon.convert(model, "frozen", input_shape=entry.shape, verify=True)
     row.frozen_error = frozen.verification.max_rel_error
+
+    data = torch.rand((8, *entry.shape[1:]), generator=torch.Generator().manual_seed(3))
+    recal = normsurgeon.recalibrate(model, data, batch_size=4, shuffle=False, verify=True)
+    row.recalibrated = recal.count("recalibrated")
 
     fold = normsurgeon.fold(model, input_shape=entry.shape, verify=True)
     row.path = fold.path

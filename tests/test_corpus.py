@@ -26,6 +26,7 @@ def offline(monkeypatch):
 def check(row: cz.Row, entry: cz.Entry) -> None:
     assert row.bn_before > 0, "a corpus model without BatchNorm tests nothing here"
     assert row.bn_after == 0
+    assert row.recalibrated == row.bn_before
     assert row.fold_error <= 1e-5 and row.frozen_error <= 1e-5
     assert row.gnws_batch_independent
     assert row.compared == "output" or row.compared.startswith("features at ")
