@@ -48,10 +48,16 @@ def fmt(v) -> str:
     return f"{v:.1e}"
 
 
+def _short(fallback: str) -> str:
+    """The fallback reason up to its first sentence end, at most 110 characters."""
+    text = fallback.split(". ")[0]
+    return text if len(text) <= 110 else text[:107] + "..."
+
+
 def row_md(r) -> str:
     why = "; ".join(r.affine_reasons) if r.affines else ""
     affines = f"{r.affines}" + (f" ({why})" if why else "")
-    path = r.path if r.path == "fx" else f"module-swap ({r.fallback.split(' (')[0]})"
+    path = r.path if r.path == "fx" else f"module-swap ({_short(r.fallback)})"
     export = r.export if r.export_error is None else f"{fmt(r.export_error)} {r.export.removeprefix('ok ')}"
     shape = "x".join(map(str, r.shape))
     return (f"| {r.name} | {r.family} | {shape} | {path} | {r.bn_before} -> {r.bn_after} | {affines} | "

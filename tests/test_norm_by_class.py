@@ -67,3 +67,27 @@ def test_fold_reports_the_bn_not_the_container():
 def test_inspect_lists_only_real_norm_layers():
     rep = normsurgeon.inspect(Net().eval(), input_shape=(2, 3, 16, 16))
     assert sorted(l.name for l in rep.layers) == ["a.bn", "gn"]
+
+
+class PlainSubclassConv(nn.Conv3d):
+    """Like torchvision's Conv3DSimple: a Conv3d subclass that only fixes its arguments."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, (3, 3, 3), padding=1, bias=False)
+
+
+class ScaledConv(nn.Conv3d):
+    """A subclass that transforms its weight in forward: never folded into."""
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight * 2.0, self.bias)
+
+
+def test_conv_subclasses_fold_only_when_they_keep_torchs_forward():
+    for conv, folded in ((PlainSubclassConv(2, 4), True), (ScaledConv(2, 4, 3, padding=1), False)):
+        model = randomize_norm_stats(nn.Sequential(conv, nn.BatchNorm3d(4), nn.ReLU())).eval()
+        res = normsurgeon.fold(model, input_shape=(2, 2, 4, 6, 6), verify=True)
+        assert res.summary() == ({"folded": 1} if folded else {"affine": 1}), res.changes
+        x = torch.randn(2, 2, 4, 6, 6)
+        with torch.no_grad():
+            assert torch.allclose(model(x), res.model(x), rtol=1e-5, atol=1e-5)
