@@ -63,6 +63,8 @@ def layer_types_note(m: nn.Module) -> str:
 def check_src_layer(m: nn.Module, name: str, calls: int, channels: int, out_rank) -> str | None:
     """Why a backward fold into ``m`` is not exact/safe (None: it is). ``out_rank()``: rank of its output
     (called only for a Linear)."""
+    if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+        return f"its input comes from {describe(m)} ({name}), not from a conv/linear"
     if not fm.foldable_layer(m, backward=True):
         return layer_types_note(m)
     if calls != 1:
