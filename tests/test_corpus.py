@@ -72,6 +72,7 @@ def test_timm_sample_is_the_seeded_rule():
     assert select() == committed
 
 
+@pytest.mark.slow  # 3D UNets: the heaviest corpus entries
 def test_monai(offline):
     pytest.importorskip("monai")
     rows = []

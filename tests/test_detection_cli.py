@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.util import ROOT, assert_one_error_line, run_cli
 
 DET = "tests.corpus_zoo:fasterrcnn_small"
 
 
+@pytest.mark.slow  # tests/test_corpus.py runs the same fold through the API in the default run
 def test_fold_detection_verifies_on_features(tmp_path):
     r = run_cli("fold", DET, "-o", str(tmp_path / "d.pt"), "--input-shape", "2,3,64,64", "--verify", "--json",
                 cwd=ROOT)
@@ -29,6 +32,7 @@ def test_export_refuses_detection_in_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_segmentation_dict_output_exports_verified(tmp_path):
     out = tmp_path / "s.onnx"
     r = run_cli("export", "torchvision:lraspp_mobilenet_v3_large", "-o", str(out), "--input-shape", "1,3,64,64",
