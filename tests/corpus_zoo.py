@@ -135,6 +135,13 @@ class Row:
     independent_error: float | None = None  # fold, on an input no pass saw (None: output uninformative)
 
 
+def _generic(reason: str) -> str:
+    """A leftover's reason without the layer names in it, so one kind of reason is listed once."""
+    import re
+
+    return re.sub(r"\s*\([^()]*\.[^()]*\)", "", reason)
+
+
 def _independent_error(model: nn.Module, folded: nn.Module, shape) -> float | None:
     from normsurgeon.graph.verify import flatten_outputs, output_error, uninformative
 
@@ -182,7 +189,7 @@ def run_verbs(entry: Entry, randomize: bool = True) -> Row:
     row.bn_after = fold.info["remaining_batchnorm"]
     affines = [c for c in fold.changes if c.action == "affine"]
     row.affines = len(affines)
-    row.affine_reasons = sorted({c.detail.split("; ")[0] for c in affines})
+    row.affine_reasons = sorted({_generic(c.detail.split("; ")[0]) for c in affines})
     row.kept = sorted({c.detail for c in fold.changes if c.action == "kept"})
     row.fold_error = fold.verification.max_rel_error
     row.compared = fold.verification.compared
