@@ -277,11 +277,42 @@ def _quiet():
     prev = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), \
+                _silence_fds():
             warnings.simplefilter("ignore")
             yield
     finally:
         logging.disable(prev)
+
+
+@contextlib.contextmanager
+def _silence_fds():
+    """The exporters' C++ side writes to file descriptors 1 and 2 directly (the TorchScript exporter
+    prints its whole IR graph when it fails): those go to a scratch file for the duration."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except (AttributeError, ValueError, OSError):
+            pass
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no such descriptors (embedded interpreters): nothing to silence
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
 
 
 def _dynamo(model, x, opset, dynamic_batch, out_names):
