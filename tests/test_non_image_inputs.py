@@ -98,3 +98,31 @@ def test_cli_volume_and_audio(tmp_path):
     r = run_cli("convert", "nonimage_models:wave", "--to", "gn+ws", "-o", str(tmp_path / "w.pt"), "--input-shape", "2,400",
                 "--verify", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
+
+
+class ListOfImages(nn.Module):
+    """Takes a list of (C, H, W) images, like torchvision's detection models in eval."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, images):
+        if not isinstance(images, list):
+            raise TypeError("expected a list of images")
+        x = torch.stack(images)
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_a_model_taking_a_list_of_images_is_probed_with_one():
+    model = randomize_norm_stats(ListOfImages()).eval()
+    res = normsurgeon.fold(model, input_shape=(2, 3, 8, 8), verify=True)
+    assert res.path == "module-swap" and res.info["input_shape"] == [2, 3, 8, 8]
+    images = [torch.randn(3, 8, 8) for _ in range(2)]
+    with torch.no_grad():
+        assert _rel(model(images), res.model(images)) <= 1e-5
+    conv = normsurgeon.convert(model, "gn+ws", input_shape=(2, 3, 8, 8), verify=True)
+    assert conv.verification.batch_independent
+    assert normsurgeon.inspect(model, input_shape=(2, 3, 8, 8)).layers[0].fold.startswith("folded")
