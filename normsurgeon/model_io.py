@@ -111,10 +111,16 @@ def _torchvision(name: str):
             f"unknown torchvision model {name!r}{did_you_mean(name, torchvision.models.list_models())}; list them "
             "with: python -c \"import torchvision; print(torchvision.models.list_models())\""
         ) from None
-    kwargs: dict[str, Any] = {"weights": None}
-    if name.startswith("inception") or name == "googlenet":
+    # every weights* argument as None: detection/segmentation builders default weights_backbone to
+    # ImageNet weights, which would download (or, offline, fail)
+    import inspect
+
+    params = inspect.signature(builder).parameters
+    kwargs: dict[str, Any] = {p: None for p in params if p.startswith("weights")}
+    base = name.removeprefix("quantized_")
+    if base.startswith("inception") or base == "googlenet":
         kwargs["init_weights"] = True
-        if name == "googlenet":
+        if base == "googlenet":
             kwargs["aux_logits"] = False
     return builder(**kwargs)
 

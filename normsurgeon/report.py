@@ -33,9 +33,13 @@ class Verification:
     tolerance: float | None = None  # None: informational only (the rewrite is not meant to preserve)
     batch_independent: bool | None = None
     note: str | None = None  # e.g. why batch independence cannot hold
+    compared: str = "output"  # what was compared: "output" or "features at <module> (call k)"
+    problem: str | None = None  # "cannot verify: ..." / "non-finite ...": the check failed whatever the tolerance
 
     @property
     def ok(self) -> bool:
+        if self.problem is not None:
+            return False
         return self.tolerance is None or self.max_rel_error <= self.tolerance
 
     def to_dict(self) -> dict[str, Any]:

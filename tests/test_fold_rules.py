@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import normsurgeon
-from normsurgeon.errors import TraceError, VerificationError
+from normsurgeon.errors import VerificationError
 from normsurgeon.layers import ChannelAffine, FrozenBatchNorm, WSConv2d
 from tests.util import randomize_norm_stats
 
@@ -331,8 +331,10 @@ def test_fallback_path_folds_exactly_and_says_so():
     assert _bn_left(res.model) == 0
 
 
-def test_model_failing_on_probe_gives_trace_error():
-    with pytest.raises(TraceError, match="input-shape"):
+def test_model_failing_on_probe_gives_probe_error():
+    from normsurgeon.graph.probe import ProbeError
+
+    with pytest.raises(ProbeError, match="suggests N,C,H,W.*input-shape"):
         normsurgeon.fold(nn.Sequential(nn.Conv2d(3, 4, 5), nn.BatchNorm2d(4)), input_shape=(1, 3, 2, 2))
 
 

@@ -202,7 +202,8 @@ def changes_table(result, title: str):
 def describe_change(v) -> str:
     """A verification record in words: how far the outputs moved and whether that passes."""
     rel = v.max_rel_error
-    figures = f"max rel error {rel:.2e}, max abs {v.max_abs_error:.2e}"
+    where = "" if getattr(v, "compared", "output") == "output" else f"; compared {escape(v.compared)}"
+    figures = f"max rel error {rel:.2e}, max abs {v.max_abs_error:.2e}{where}"
     if v.tolerance is not None:
         verdict = "[green]ok[/]" if v.ok else "[red]FAILED[/]"
         return f"verification: outputs match within {v.tolerance:.0e} ({figures}) {verdict}"
@@ -237,6 +238,8 @@ def render_result(result, title: str, as_json: bool, output: str | None = None,
     v = result.verification
     if v is not None:
         out.print(describe_change(v))
+        if v.problem:
+            out.print(f"[red]{escape(v.problem)}[/]")
         if v.batch_independent is not None:
             bi = "[green]yes[/]" if v.batch_independent else "[red]no[/]"
             out.print(f"batch-independent in eval: {bi}")

@@ -48,10 +48,11 @@ def register(app: typer.Typer) -> None:
         out.print(t)
         counts = ", ".join(f"{n} {k}" for k, n in rep.counts.items()) or "none"
         out.print(f"layers: {counts}")
-        if rep.traceable:
+        if rep.path == "fx":
             out.print("torch.fx: [green]traceable[/] (convert/fold take the fx path)")
         else:
-            out.print(f"torch.fx: [yellow]not traceable[/] ({common.escape(rep.trace_error or '')}); "
+            what = "traced, but" if rep.traceable else "not traceable"
+            out.print(f"torch.fx: [yellow]{what}[/] ({common.escape(rep.trace_error or '')}); "
                       "convert/fold take the module-swap path")
         rt = Table(title="recipes (convert --to)")
         for col in ("recipe", "what it does", "fold removes it"):

@@ -104,6 +104,7 @@ def export_onnx(
     report = ExportReport(path=str(out), data_path=None, exporter=exporter, opset=int(opset),
                           input_shape=list(shape), dynamic_batch=dynamic_batch, fp16=fp16, folded=fold,
                           channel_affine=channel_affine, notes=notes)
+    _refuse_unexportable(model, shape)
     if fold:
         from normsurgeon.passes.fold import fold as fold_pass
 
@@ -160,6 +161,8 @@ def export_onnx(
             t = time.perf_counter()
             report.verification = _verify(original, tmp, shape, dynamic_batch, fp16)
             seconds["verify"] = time.perf_counter() - t
+            if report.verification.get("problem"):
+                raise VerificationError(f"{report.verification['problem']}; nothing written")
             if not report.verification["ok"]:
                 v = report.verification
                 raise VerificationError(
@@ -180,6 +183,22 @@ def export_onnx(
     seconds["total"] = time.perf_counter() - t_start
     report.seconds = {k: round(v, 3) for k, v in seconds.items()}
     return report
+
+
+def _refuse_unexportable(model, shape) -> None:
+    """Stop before any work, with one reason, on models whose outputs ONNX cannot describe: a model
+    that fails on the probe is the input shape's fault (ProbeError); a detection model (a per-image
+    list of dicts whose box count depends on the data, decided by Python loops and NMS) is refused."""
+    from normsurgeon.graph.probe import probe_input, run_probe
+
+    x, out = run_probe(model, probe_input(model, shape))
+    if isinstance(x, list) or (isinstance(out, (list, tuple)) and out and all(isinstance(o, dict) for o in out)):
+        raise ExportError(
+            f"cannot export {type(model).__name__}: it returns one dict of detections per image, whose sizes "
+            "depend on the data (box filtering and NMS in Python); export its backbone instead "
+            "(a factory returning model.backbone)")
+    if not _flatten(out):
+        raise ExportError(f"cannot export {type(model).__name__}: its output holds no floating-point tensor")
 
 
 def _flatten(out):
@@ -256,11 +275,42 @@ def _quiet():
     prev = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), \
+                _silence_fds():
             warnings.simplefilter("ignore")
             yield
     finally:
         logging.disable(prev)
+
+
+@contextlib.contextmanager
+def _silence_fds():
+    """The exporters' C++ side writes to file descriptors 1 and 2 directly (the TorchScript exporter
+    prints its whole IR graph when it fails): those go to a scratch file for the duration."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except (AttributeError, ValueError, OSError):
+            pass
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no such descriptors (embedded interpreters): nothing to silence
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
 
 
 def _dynamo(model, x, opset, dynamic_batch, out_names):
@@ -320,26 +370,36 @@ def _verify(model, onnx_path: Path, shape, dynamic_batch: bool, fp16: bool) -> d
 
     from normsurgeon.deploy import ort
     from normsurgeon.graph.probe import probe_input
+    from normsurgeon.graph.verify import uninformative
 
     sess = ort.session(str(onnx_path), ort.choose("cpu"))
     shapes = [tuple(shape)] + ([(shape[0] + 1, *shape[1:])] if dynamic_batch else [])
     per_output: list[dict] = []
+    problem = None
     for s in shapes:
         x = probe_input(model, s, seed=1)
         with torch.no_grad():
             refs = [r.double() for r in _flatten(model(x))]
+        why = uninformative(refs)
+        if why is not None and problem is None:  # ONNX Runtime gives outputs only: nothing else to compare
+            problem = f"cannot verify the ONNX graph: the model's output on the probe {why}"
         got = [torch.from_numpy(o).double() for o in ort.run(sess, x)]
         if len(got) != len(refs):
             raise VerificationError(f"the ONNX graph has {len(got)} outputs, PyTorch {len(refs)}")
         for i, (r, g) in enumerate(zip(refs, got)):
             if tuple(r.shape) != tuple(g.shape):
                 raise VerificationError(f"output {i}: ONNX shape {tuple(g.shape)} != PyTorch {tuple(r.shape)}")
+            if not r.numel():
+                continue
             err = (r - g).abs().max().item()
             scale = r.abs().max().item() or 1.0
             l2 = ((r - g).norm() / (r.norm() or 1.0)).item()
             per_output.append({"output": i, "batch": s[0], "max_abs_error": err, "max_rel_error": err / scale,
                                "rel_l2": l2})
     tol = TOLERANCE[bool(fp16)]
+    if problem is not None:
+        return {"provider": "cpu", "tolerance": tol, "max_abs_error": float("nan"), "max_rel_error": float("nan"),
+                "ok": False, "problem": problem, "outputs": per_output}
     worst = max(per_output, key=lambda d: d["max_rel_error"])
     return {"provider": "cpu", "tolerance": tol, "max_abs_error": max(d["max_abs_error"] for d in per_output),
             "max_rel_error": worst["max_rel_error"], "ok": worst["max_rel_error"] <= tol, "outputs": per_output}

@@ -58,6 +58,70 @@ def probe_input(model: nn.Module, shape: tuple[int, ...] | None = None, seed: in
     return torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
+def map_input(x, fn):
+    """``fn`` applied to the probe input: a tensor, or each image of a list (detection models)."""
+    if isinstance(x, (list, tuple)):
+        return [fn(t) for t in x]
+    return fn(x)
+
+
+def input_shape_of(x) -> tuple[int, ...]:
+    """The probe's shape as N,C,... (a list of same-sized images counts as a batch)."""
+    if isinstance(x, (list, tuple)):
+        return (len(x), *x[0].shape)
+    return tuple(x.shape)
+
+
+def first_layer_hint(model: nn.Module) -> str:
+    """What input the model's first layer takes, as --input-shape examples (for error messages)."""
+    for name, m in model.named_modules():
+        where = f"its first layer {name or type(model).__name__} ({type(m).__name__}"
+        if isinstance(m, nn.Conv1d):
+            hint = f"{where}, {m.in_channels} channels) suggests N,C,L, e.g. --input-shape 2,{m.in_channels},128"
+            if m.in_channels == 1:  # raw-audio models often add the channel axis themselves
+                hint += ", or N,L (e.g. --input-shape 2,16000) if the model adds the channel axis itself"
+            return hint
+        if isinstance(m, nn.Conv2d):
+            return f"{where}, {m.in_channels} channels) suggests N,C,H,W, e.g. --input-shape 2,{m.in_channels},64,64"
+        if isinstance(m, nn.Conv3d):
+            return (f"{where}, {m.in_channels} channels) suggests N,C,D,H,W, e.g. "
+                    f"--input-shape 2,{m.in_channels},16,32,32")
+        if isinstance(m, nn.Linear):
+            return (f"{where}, {m.in_features} features) suggests N,F or N,L,F, e.g. --input-shape 2,{m.in_features}")
+        if isinstance(m, nn.Embedding):
+            return f"{where}) takes integer token ids, which normsurgeon's random probe cannot supply"
+    return "no conv or linear layer says what it takes"
+
+
+def run_probe(model: nn.Module, x):
+    """Run ``model`` once in eval mode on the probe ``x`` (no grad; train/eval state restored).
+
+    Returns ``(x, output)``. A batch tensor the model rejects is retried as a list of images
+    (torchvision detection models take a list). If neither runs, the input shape is wrong for this
+    model: ProbeError (a user error), saying what the first layer suggests."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                return x, model(x)
+            except Exception as e:  # noqa: BLE001 - decided below: retry as a list, else the user's shape
+                first = e
+            if isinstance(x, torch.Tensor) and x.dim() >= 3:
+                images = list(x.unbind(0))
+                try:
+                    return images, model(images)
+                except Exception:  # noqa: BLE001 - report the tensor attempt's error
+                    pass
+    finally:
+        model.train(was)
+    raise ProbeError(
+        f"the model fails on a probe input of shape {','.join(map(str, input_shape_of(x)))} "
+        f"({type(first).__name__}: {_first_line(first)}); {first_layer_hint(model)}; pass --input-shape with "
+        "the shape it expects (models taking several inputs are not supported)"
+    ) from first
+
+
 @dataclass
 class ModuleUse:
     input_shape: tuple[int, ...] | None = None
@@ -116,9 +180,9 @@ def observe(model: nn.Module, x: torch.Tensor, watch: type | tuple[type, ...]) -
                 model(x)
             except Exception as e:  # noqa: BLE001 - the model rejects the probe: a user-fixable input problem
                 raise ProbeError(
-                    f"the model fails on a probe input of shape {','.join(map(str, x.shape))} "
-                    f"({type(e).__name__}: {_first_line(e)}); pass --input-shape with the shape it expects "
-                    "(models taking several inputs are not supported)"
+                    f"the model fails on a probe input of shape {','.join(map(str, input_shape_of(x)))} "
+                    f"({type(e).__name__}: {_first_line(e)}); {first_layer_hint(model)}; pass --input-shape "
+                    "with the shape it expects (models taking several inputs are not supported)"
                 ) from e
     finally:
         for h in handles:

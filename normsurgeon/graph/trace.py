@@ -53,10 +53,12 @@ def try_trace(model: nn.Module) -> TraceResult:
     A GraphModule is traced again too: containers that earlier passes put in (NormAct, BCN's
     Sequential) then show up as their parts."""
     tracer = NormTracer()
+    concrete = concrete_defaults(model)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:  # noqa: BLE001 - any failure here means "not traceable", reported
         return TraceResult(None, _describe(e))
+    _drop_specialization_checks(graph)
     name = model.__class__.__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     from normsurgeon import provenance
@@ -65,6 +67,64 @@ def try_trace(model: nn.Module) -> TraceResult:
     if p is not None:
         setattr(gm, provenance.ATTR, p)
     return TraceResult(gm, None)
+
+
+def concrete_defaults(model: nn.Module) -> dict:
+    """The root forward's keyword defaults that are not tensors (``embed=False``, ``mask=None``,
+    ``mode="cls"``): every verb calls ``model(x)``, so they are constants, bound for tracing (a branch on
+    them would otherwise stop torch.fx). The first parameter (the input) and ``*args``/``**kwargs`` are not."""
+    import inspect
+
+    import torch
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
+            continue
+        if p.default is None or isinstance(p.default, (bool, int, float, str)):
+            out[p.name] = p.default
+        elif not isinstance(p.default, torch.Tensor) and isinstance(p.default, (tuple, list)) \
+                and all(isinstance(v, (bool, int, float, str)) for v in p.default):
+            out[p.name] = p.default
+    return out
+
+
+_CHECKS = ("_assert", "_assert_is_none", "eq")
+
+
+def _drop_specialization_checks(graph: fx.Graph) -> None:
+    """A bound keyword becomes a placeholder checked by ``torch._assert(embed == False)`` nodes, which
+    ONNX exporters cannot take. Such a placeholder, when checks are all that use it, is removed with
+    them: the rewritten model takes only the input (calling it with the keyword is then a TypeError,
+    never a silently ignored argument)."""
+    import operator
+
+    import torch
+
+    def is_check(n: fx.Node) -> bool:
+        if n.op != "call_function":
+            return False
+        name = getattr(n.target, "__name__", "")
+        return n.target in (torch._assert, operator.eq) or name in _CHECKS
+
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders[1:]:
+        dependents, todo = [], list(ph.users)
+        while todo:
+            u = todo.pop()
+            if u not in dependents:
+                dependents.append(u)
+                todo.extend(u.users)
+        if not dependents or not all(is_check(u) for u in dependents):
+            continue
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for u in sorted(dependents, key=order.get, reverse=True):
+            graph.erase_node(u)
+        graph.erase_node(ph)
 
 
 def _describe(e: BaseException) -> str:
@@ -84,3 +144,26 @@ def node_label(node) -> str:
     if node.op == "call_method":
         return f".{node.target}()"
     return {"placeholder": "the model input", "output": "the model output"}.get(node.op, node.name)
+
+
+def check_traced(gm: fx.GraphModule, reference, x, rtol: float = 1e-5) -> str | None:
+    """Why the traced graph cannot stand in for the model on probe ``x`` (None: it can). ``reference``
+    is the eager model's output on ``x``. torch.fx records one path through the code: a graph can fail
+    at run time (MONAI's BasicUNet) or compute something else than eager (a branch on a traced value)."""
+    import torch
+
+    from normsurgeon.graph.verify import output_error
+
+    was = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            got = gm(x)
+    except Exception as e:  # noqa: BLE001 - any failure means: take the module-swap path
+        return f"the traced graph fails on the probe input ({_describe(e)})"
+    finally:
+        gm.train(was)
+    rel = output_error(reference, got)[1]
+    if not rel <= rtol:
+        return f"the traced graph's output differs from the model's on the probe input (max rel error {rel:.1e})"
+    return None

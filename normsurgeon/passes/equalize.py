@@ -38,10 +38,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.conv import _ConvNd
 
 from normsurgeon import provenance
-from normsurgeon.errors import RecipeError, TraceError, VerificationError
-from normsurgeon.graph.probe import probe_input
-from normsurgeon.graph.trace import try_trace
-from normsurgeon.graph.verify import compare
+from normsurgeon.errors import RecipeError, TraceError, VerificationError, first_line
+from normsurgeon.graph.probe import probe_input, run_probe
+from normsurgeon.graph.trace import check_traced, try_trace
+from normsurgeon.graph.verify import compare, raise_if_unverifiable
 from normsurgeon.report import Change, SurgeryResult
 
 TOLERANCE = 1e-5
@@ -203,9 +203,19 @@ def build_plan(model: nn.Module, x: torch.Tensor) -> Plan:
     try:
         model.eval()
         with torch.no_grad():
-            ShapeProp(gm).propagate(x)
+            eager = model(x)
+        problem = check_traced(gm, eager, x)
+        if problem is None:
+            try:
+                with torch.no_grad():
+                    ShapeProp(gm).propagate(x)
+            except Exception as e:  # noqa: BLE001 - same as a failing graph
+                problem = f"the traced graph fails on the probe input ({type(e).__name__}: {first_line(e)})"
     finally:
         model.train(was)
+    if problem is not None:  # a plan read off a graph that is not the model would not be exact
+        raise TraceError(f"equalize needs a torch.fx graph that computes what the model does, and {problem}; "
+                         "fold and convert take their module-swap path on such models, equalize has none")
     modules = dict(gm.named_modules())
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -329,6 +339,7 @@ def equalize(model: nn.Module, *, iters: int = 10, c: float = 1.0, verify: bool 
     if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
         raise RecipeError(f"bad --c {c!r}: use a finite positive number (1 minimizes the plain L2 norm)")
     x = probe_input(model, tuple(input_shape) if input_shape else None)
+    x, _ = run_probe(model, x)  # the model must run on the probe: else the shape is the user's to fix
     new = copy.deepcopy(model)
     plan = build_plan(new, x)
     before = weight_norm(new)
@@ -341,6 +352,8 @@ def equalize(model: nn.Module, *, iters: int = 10, c: float = 1.0, verify: bool 
                               "balanced against " + ", ".join(cn.name for cn in pair.consumers)))
     new.train(model.training)
     ver = compare(model, new, x, TOLERANCE)
+    if verify:
+        raise_if_unverifiable(ver, "equalize")
     if verify and not ver.ok:
         raise VerificationError(f"equalize changed outputs by {ver.max_rel_error:.2e} relative (limit {TOLERANCE:.0e})")
     provenance.record(new, model, "equalize",

@@ -25,11 +25,11 @@ import torch
 from torch import fx, nn
 
 from normsurgeon import provenance
-from normsurgeon.errors import TraceError, VerificationError
+from normsurgeon.errors import VerificationError
 from normsurgeon.graph.modules import check_patterns_used, describe, set_submodule
-from normsurgeon.graph.probe import probe_input
-from normsurgeon.graph.trace import try_trace
-from normsurgeon.graph.verify import compare
+from normsurgeon.graph.probe import input_shape_of, map_input, probe_input, run_probe
+from normsurgeon.graph.trace import check_traced, try_trace
+from normsurgeon.graph.verify import compare, raise_if_unverifiable
 from normsurgeon.layers.affine import ChannelAffine
 from normsurgeon.layers.norm_act import NormAct
 from normsurgeon.passes import fold_math as fm
@@ -55,30 +55,31 @@ def fold(
     """
     t0 = time.perf_counter()
     x = probe_input(model, tuple(input_shape) if input_shape else None)
-    shape = tuple(x.shape)
+    x, _ = run_probe(model, x)  # the model must run on the probe: else the shape is the user's to fix
+    shape = input_shape_of(x)
     new = copy.deepcopy(model).eval()
     changes: list[Change] = []
     _standardize(new, changes, keep)
     before = _as_leaves(new, keep, changes)
     traced = try_trace(new)
-    path = "fx"
+    fx_error = f"torch.fx cannot trace: {traced.error}"
+    path = "module-swap"
     if traced.ok:
-        try:
-            new = _fold_fx(traced.graph_module, x, keep, changes, before)
-        except _NotRunnable as e:
-            traced.error = f"the traced graph does not run ({e})"
-            new = copy.deepcopy(model).eval()
-            changes = []
-            _standardize(new, changes, keep)
-            before = _as_leaves(new, keep, changes)
-            path = "module-swap"
-    if not traced.ok or path == "module-swap":
-        path = "module-swap"
-        try:
-            _fold_swap(new, x, keep, changes, before)
-        except Exception as e:  # noqa: BLE001 - the model itself fails on the probe input
-            raise _probe_error(e, shape) from None
-        changes.insert(0, Change("<model>", "fallback", detail=f"torch.fx cannot trace: {traced.error}"))
+        with torch.no_grad():
+            eager = new(x)
+        fx_error = check_traced(traced.graph_module, eager, x)
+        if fx_error is None:
+            try:
+                new, path = _fold_fx(traced.graph_module, x, keep, changes, before), "fx"
+            except _NotRunnable as e:
+                fx_error = f"the traced graph does not run ({e})"
+    if path == "module-swap":
+        new = copy.deepcopy(model).eval()
+        changes = []
+        _standardize(new, changes, keep)
+        before = _as_leaves(new, keep, changes)
+        _fold_swap(new, x, keep, changes, before)  # errors here are normsurgeon's: they propagate
+        changes.insert(0, Change("<model>", "fallback", detail=fx_error))
     new.eval()
     for attr in ("pretrained_cfg", "default_cfg"):  # timm's input size, for later default shapes
         if hasattr(model, attr) and not hasattr(new, attr):
@@ -86,13 +87,12 @@ def fold(
     changes = list(dict.fromkeys(changes))  # a layer reported by two stages once
     check_patterns_used(keep, [n for n, _ in model.named_modules()] + [c.target for c in changes], "--keep")
     fold_s = time.perf_counter() - t0
-    try:
-        ver = compare(model, new, x, TOLERANCE)
-    except Exception as e:  # noqa: BLE001 - the model itself fails on the probe input
-        raise _probe_error(e, shape) from None
+    ver = compare(model, new, x, TOLERANCE)
     info: dict = {}
-    if not ver.ok and x.dtype == torch.float32:
+    if not ver.ok and ver.problem is None and _dtype(x) == torch.float32:
         ver, info = _recheck_float64(model, new, x, ver)
+    if verify:
+        raise_if_unverifiable(ver, "fold")
     if verify and not ver.ok:
         raise VerificationError(
             f"fold changed outputs by {ver.max_rel_error:.2e} relative (limit {TOLERANCE:.0e}); "
@@ -116,8 +116,8 @@ def _recheck_float64(model: nn.Module, new: nn.Module, x: torch.Tensor, ver32):
     try:
         m64 = copy.deepcopy(model).double().eval()
         with torch.no_grad():
-            noise = output_error(m64(x.double()), model.eval()(x))[1]
-        ver64 = fold(m64, input_shape=tuple(x.shape)).verification
+            noise = output_error(m64(map_input(x, torch.Tensor.double)), model.eval()(x))[1]
+        ver64 = fold(m64, input_shape=input_shape_of(x)).verification
     except Exception:  # noqa: BLE001 - a model that cannot run in float64 keeps the float32 verdict
         return ver32, {}
     info = {"float64_max_rel_error": ver64.max_rel_error, "float32_noise_of_model": noise}
@@ -127,17 +127,16 @@ def _recheck_float64(model: nn.Module, new: nn.Module, x: torch.Tensor, ver32):
     info["note"] = (f"float32 error {ver32.max_rel_error:.1e} is rounding amplified by the network (the model's own "
                     f"float32 output is off its float64 run by {noise:.1e}); the fold is exact in float64 "
                     f"({ver64.max_rel_error:.1e})")
-    return Verification(ver32.max_abs_error, ver32.max_rel_error, tolerance=limit), info
+    return Verification(ver32.max_abs_error, ver32.max_rel_error, tolerance=limit, compared=ver32.compared,
+                        note=ver32.note), info
+
+
+def _dtype(x) -> torch.dtype:
+    return (x[0] if isinstance(x, (list, tuple)) else x).dtype
 
 
 class _NotRunnable(Exception):
     pass
-
-
-def _probe_error(e: BaseException, shape) -> TraceError:
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    return TraceError(f"cannot fold: the model fails on a probe input of shape {list(shape)} "
-                      f"({type(e).__name__}: {first}); pass --input-shape with a size the model accepts")
 
 
 # ----------------------------------------------------------------------------------- WS rule

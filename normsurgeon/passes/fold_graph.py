@@ -25,6 +25,7 @@ from torch import fx, nn
 from normsurgeon.graph.functional_bn import read_functional_bn
 from normsurgeon.graph.trace import node_label
 from normsurgeon.graph.modules import describe, matches
+from normsurgeon.graph.probe import map_input
 from normsurgeon.graph.verify import flatten_outputs
 from normsurgeon.passes import fold_math as fm
 from normsurgeon.passes.fold_rules import affine_rule, extras, not_foldable_reason
@@ -62,6 +63,8 @@ def layer_types_note(m: nn.Module) -> str:
 def check_src_layer(m: nn.Module, name: str, calls: int, channels: int, out_rank) -> str | None:
     """Why a backward fold into ``m`` is not exact/safe (None: it is). ``out_rank()``: rank of its output
     (called only for a Linear)."""
+    if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+        return f"its input comes from {describe(m)} ({name}), not from a conv/linear"
     if not fm.foldable_layer(m, backward=True):
         return layer_types_note(m)
     if calls != 1:
@@ -304,8 +307,7 @@ def swap_sites(model: nn.Module, x: torch.Tensor, keep, changes: list[Change]) -
     handles = [modules[n].register_forward_hook(hook) for n in watched]
     try:
         with torch.enable_grad():
-            x0 = x.detach().clone().requires_grad_(True)
-            out = model(x0 * 1.0)
+            out = model(map_input(x, lambda t: t.detach().clone().requires_grad_(True) * 1.0))
     finally:
         for h in handles:
             h.remove()

@@ -14,11 +14,19 @@ CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def foldable_layer(m: nn.Module, backward: bool) -> bool:
-    """Exact torch conv/linear types (a subclass may transform its weight in forward; timm's Conv2dSame
-    only pads, so it takes output-side folds)."""
-    if type(m) in CONV_TYPES + CONVT_TYPES + (nn.Linear,):
+    """torch conv/linear types, and subclasses that keep torch's forward (torchvision's Conv3DSimple
+    only sets up its arguments). A subclass overriding ``forward``/``_conv_forward`` may transform its
+    weight, so it is not folded into; timm's Conv2dSame only pads, so it takes output-side folds."""
+    if type(m) in CONV_TYPES + CONVT_TYPES + (nn.Linear,) or _keeps_torch_forward(m):
         return True
     return backward and type(m).__name__ == "Conv2dSame" and isinstance(m, nn.Conv2d)
+
+
+def _keeps_torch_forward(m: nn.Module) -> bool:
+    base = next((b for b in type(m).__mro__ if b in CONV_TYPES + CONVT_TYPES + (nn.Linear,)), None)
+    if base is None:
+        return False
+    return all(getattr(type(m), f, None) is getattr(base, f, None) for f in ("forward", "_conv_forward"))
 
 
 def out_channels(m: nn.Module) -> int:

@@ -53,15 +53,31 @@ def _batchnorm(m: _BatchNorm) -> "Affine | str":
     return _bn_affine(m.weight, m.bias, m.running_mean, m.running_var, m.eps, m.num_features)
 
 
+def frozen_bn_types() -> tuple[type, ...]:
+    """Frozen BN classes without a ``_BatchNorm`` base: torchvision's FrozenBatchNorm2d, and timm's
+    FrozenBatchNorm2d / FrozenBatchNormAct2d when timm is loaded (a timm model in memory means it is)."""
+    import sys
+
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    types: list[type] = [FrozenBatchNorm2d]
+    if "timm" in sys.modules:
+        import timm.layers as tl
+
+        types += [t for t in (getattr(tl, n, None) for n in ("FrozenBatchNorm2d", "FrozenBatchNormAct2d"))
+                  if isinstance(t, type)]
+    return tuple(types)
+
+
 def _is_frozen_bn(m: nn.Module) -> bool:
-    """torchvision's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d: BN buffers, no _BatchNorm base."""
-    return "FrozenBatchNorm" in type(m).__name__ and all(
+    """By class (isinstance), never by name: a container called ``FooNorm`` is not a norm layer."""
+    return isinstance(m, frozen_bn_types()) and all(
         isinstance(getattr(m, k, None), torch.Tensor) for k in ("weight", "bias", "running_mean", "running_var")
-    ) and isinstance(getattr(m, "eps", None), float)
+    )
 
 
 def _frozen_bn(m: nn.Module) -> Affine:
-    return _bn_affine(m.weight, m.bias, m.running_mean, m.running_var, m.eps, m.running_mean.numel())
+    return _bn_affine(m.weight, m.bias, m.running_mean, m.running_var, float(m.eps), m.running_mean.numel())
 
 
 AFFINE_RULES: list[AffineRule] = [
@@ -88,11 +104,30 @@ def extras(m: nn.Module) -> nn.Module | None:
     return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
 
 
-def not_foldable_reason(m: nn.Module) -> str | None:
-    """Why a norm layer that no rule covers stays (for the report), or None if it is not a norm."""
+def per_sample_norm_types() -> tuple[type, ...]:
+    """Norm layers that normalize with each input's own statistics (never a constant affine): torch's
+    GroupNorm, LayerNorm, InstanceNorm, RMSNorm, LocalResponseNorm and timm's RMS/LayerNorm variants
+    that do not subclass them (when timm is loaded)."""
+    import sys
+
     from torch.nn.modules.instancenorm import _InstanceNorm
 
-    if isinstance(m, (nn.GroupNorm, nn.LayerNorm, _InstanceNorm)) or type(m).__name__.endswith(("Norm", "Norm2d")):
+    types: list[type] = [nn.GroupNorm, nn.LayerNorm, _InstanceNorm, nn.LocalResponseNorm]
+    if hasattr(nn, "RMSNorm"):
+        types.append(nn.RMSNorm)
+    if "timm" in sys.modules:
+        import timm.layers as tl
+
+        types += [t for t in (getattr(tl, n, None) for n in ("RmsNorm", "RmsNorm2d", "SimpleNorm", "SimpleNorm2d",
+                                                              "LayerNorm2d", "LayerNormExp2d", "GroupNorm1"))
+                  if isinstance(t, type)]
+    return tuple(types)
+
+
+def not_foldable_reason(m: nn.Module) -> str | None:
+    """Why a norm layer that no rule covers stays (for the report), or None if it is not a norm.
+    Decided by class (isinstance), never by the class name."""
+    if isinstance(m, per_sample_norm_types()):
         return f"{type(m).__name__} normalizes with each input's own statistics: not a constant affine"
     return None
 

@@ -12,8 +12,8 @@ from typing import Any
 from torch import fx, nn
 
 from normsurgeon.errors import NormSurgeonError
-from normsurgeon.graph.probe import observe, probe_input
-from normsurgeon.graph.trace import node_label, try_trace
+from normsurgeon.graph.probe import input_shape_of, observe, probe_input, run_probe
+from normsurgeon.graph.trace import check_traced, node_label, try_trace
 from normsurgeon.recipes import all_recipes
 
 
@@ -24,13 +24,10 @@ def norm_types() -> tuple[type, ...]:
     from normsurgeon.graph.trace import norm_leaf_types
     from torch.nn.modules.conv import _ConvNd
 
-    extra = tuple(t for t in norm_leaf_types() if not issubclass(t, (_ConvNd, nn.Linear)))
-    try:
-        from torchvision.ops.misc import FrozenBatchNorm2d
+    from normsurgeon.passes.fold_rules import frozen_bn_types, per_sample_norm_types
 
-        extra += (FrozenBatchNorm2d,)
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        pass
+    extra = tuple(t for t in norm_leaf_types() if not issubclass(t, (_ConvNd, nn.Linear)))
+    extra += frozen_bn_types() + per_sample_norm_types()
     return (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm) + extra
 
 
@@ -65,16 +62,19 @@ class InspectReport:
 
 def inspect(model: nn.Module, to: str = "gn+ws", input_shape=None) -> InspectReport:
     x = probe_input(model, tuple(input_shape) if input_shape else None)
+    x, eager = run_probe(model, x)
+    shape = input_shape_of(x)
     types = norm_types()
     traced = try_trace(model)
+    problem = check_traced(traced.graph_module, eager, x) if traced.ok else traced.error
     uses = observe(model, x, types)
     rep = InspectReport(
-        model=type(model).__name__, traceable=traced.ok, trace_error=traced.error,
-        path="fx" if traced.ok else "module-swap", input_shape=list(x.shape), recipe=to,
+        model=type(model).__name__, traceable=traced.ok, trace_error=problem,
+        path="fx" if problem is None else "module-swap", input_shape=list(shape), recipe=to,
         recipes=[{"recipe": e.usage(), "summary": e.summary, "folds": e.folds} for e in all_recipes()],
     )
     modules = dict(model.named_modules())
-    neighbours = _fx_neighbours(traced.graph_module, types) if traced.ok else {}
+    neighbours = _fx_neighbours(traced.graph_module, types) if problem is None else {}
     for name, m in modules.items():
         if not isinstance(m, types) or any(name.startswith(p + ".") for p in _parents(rep.layers)):
             continue
@@ -90,8 +90,8 @@ def inspect(model: nn.Module, to: str = "gn+ws", input_shape=None) -> InspectRep
             producer=producer, consumers=consumers,
         ))
         rep.counts[type(m).__name__] = rep.counts.get(type(m).__name__, 0) + 1
-    _attach(rep, "convert", lambda: __import__("normsurgeon").convert(model, to, input_shape=x.shape).changes)
-    _attach(rep, "fold", lambda: __import__("normsurgeon").fold(model, input_shape=x.shape).changes)
+    _attach(rep, "convert", lambda: __import__("normsurgeon").convert(model, to, input_shape=shape).changes)
+    _attach(rep, "fold", lambda: __import__("normsurgeon").fold(model, input_shape=shape).changes)
     return rep
 
 

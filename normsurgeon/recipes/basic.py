@@ -69,6 +69,10 @@ def ws_producer(ctx: BuildContext):
     if cls is None:
         ctx.notes.append(f"no WS: producer is {type(ctx.producer).__name__}, not a plain conv")
         return None
+    if ctx.producer.weight[0].numel() < 2:  # depthwise 1x1 (timm MobileOne's scale branch): fan-in 1
+        ctx.notes.append("no WS: the producing conv has one weight per filter (fan-in 1), which standardizing "
+                         "would turn into 0 (or NaN)")
+        return None
     eps = ctx.recipe.option("ws_eps", 1e-5)
     form = ctx.recipe.option("ws_form", "var")
     return cls.from_conv(ctx.producer, eps=eps, form=form)
