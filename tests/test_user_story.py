@@ -47,3 +47,31 @@ def test_trust_pickle_finds_classes_next_to_the_file(folder, tmp_path_factory):
     assert_one_error_line(proc, "'mymodels'", "PYTHONPATH")
     proc = run_cli("inspect", "model.pt", cwd=folder)  # and without the opt-in, nothing is unpickled
     assert_one_error_line(proc, "--trust-pickle")
+
+
+def test_shape_given_once_reaches_export_and_bench(folder):
+    proc = run_cli("convert", "mymodels:build", "--to", "gn+ws", "-o", "out/c.pt", "--input-shape", "2,1,16,16",
+                   cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    assert (folder / "out" / "c.pt").is_file()  # the missing folder was created
+    proc = run_cli("export", "out/c.pt", "-o", "out/c.onnx", "--trust-code", "--verify", "--json", cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout)
+    assert rep["input_shape"] == [1, 1, 16, 16] and rep["input_shape_from"] == "recorded" and rep["dynamic_batch"]
+    dims = onnx.load(str(folder / "out" / "c.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and not dims[0].dim_value  # a symbolic batch
+    assert [d.dim_value for d in dims[1:]] == [1, 16, 16]
+    proc = run_cli("bench", "out/c.onnx", "--batch-size", "1,8,32", "--runs", "2", "--warmup", "0", "--json",
+                   cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["rows"]
+    assert sorted({r["batch"] for r in rows}) == [1, 8, 32]
+
+
+@pytest.mark.slow
+def test_fold_of_densenet_prints_a_short_summary(tmp_path):
+    proc = run_cli("fold", "torchvision:densenet121", "-o", "d.pt", cwd=tmp_path, env={"COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(lines) < 15, proc.stdout
+    assert "59 folded, 62 affine" in proc.stdout and "remaining BatchNorm: 0" in proc.stdout

@@ -234,7 +234,9 @@ def render_result(result, title: str, as_json: bool, output: str | None = None,
         out.print(changes_table(result, title))
     summary = ", ".join(f"{n} {a}" for a, n in result.summary().items()) or "no changes"
     more = "" if verbose or not result.changes else " [dim](--verbose lists them)[/]"
-    out.print(f"[bold]{escape(title)}[/]: {summary} ({result.path}){more}")
+    shape, source = result.info.get("input_shape"), result.info.get("input_shape_from", "given")
+    used = f"; input {','.join(map(str, shape))} {source}" if shape and source != "given" else ""
+    out.print(f"[bold]{escape(title)}[/]: {summary} ({result.path}{used}){more}")
     v = result.verification
     if v is not None:
         out.print(describe_change(v))

@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         trust_code: bool = common.trust_code_opt(),
         input_shape: Optional[str] = common.input_shape_opt(),
         opset: int = typer.Option(20, "--opset", help="ONNX opset (20 keeps GroupNorm on ORT's native InstanceNorm path; below 18 uses the TorchScript exporter)."),
-        dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Make the batch dimension dynamic."),
+        dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch", help="A symbolic batch dimension (default), or the batch of the input shape fixed in the graph."),
         fp16: bool = typer.Option(False, "--fp16", help="fp16 weights and compute (fp32 inputs/outputs)."),
         no_fold: bool = typer.Option(False, "--no-fold", help="Export as is, without folding first."),
         keep: List[str] = typer.Option([], "--keep", help="Layers fold leaves alone (glob, repeatable)."),
@@ -59,7 +59,8 @@ def _render(rep) -> None:
 
     out = common.console()
     out.print(f"[bold]{rep.path}[/]" + (f" + {rep.data_path}" if rep.data_path else "")
-              + f" ({rep.bytes / 1e6:.1f} MB, opset {rep.opset}, {rep.exporter} exporter"
+              + f" ({rep.bytes / 1e6:.1f} MB, opset {rep.opset}, {rep.exporter} exporter, input "
+              + ",".join(map(str, rep.input_shape)) + ("" if rep.input_shape_from == "given" else f" {rep.input_shape_from}")
               + (", dynamic batch" if rep.dynamic_batch else "") + (", fp16" if rep.fp16 else "") + ")")
     if rep.fold:
         s = ", ".join(f"{n} {a}" for a, n in rep.fold["summary"].items()) or "nothing to fold"

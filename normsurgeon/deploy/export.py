@@ -54,6 +54,7 @@ class ExportReport:
     verification: dict[str, Any] | None = None
     graph: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    input_shape_from: str = "given"  # given | recorded | model config | guessed from the first layer
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -65,7 +66,7 @@ def export_onnx(
     *,
     input_shape: tuple[int, ...] | list[int] | None = None,
     opset: int = 20,
-    dynamic_batch: bool = False,
+    dynamic_batch: bool = True,
     fp16: bool = False,
     fold: bool = True,
     verify: bool = False,
@@ -92,97 +93,101 @@ def export_onnx(
     import torch
 
     from normsurgeon.deploy import onnx_opt
-    from normsurgeon.graph.probe import default_input_shape, probe_input
+    from normsurgeon.graph.probe import input_shape_and_source, probe_input
     from normsurgeon.publish import check_output, move_into_place, temp_path
 
-    t_start = time.perf_counter()
-    out = check_output(path, force, kind="onnx")
-    exporter, notes = check_options(opset, exporter, channel_affine, groupnorm)
-    original = model.eval()
-    shape = tuple(int(d) for d in input_shape) if input_shape else default_input_shape(model, batch=1)
-    seconds: dict[str, float] = {}
-    report = ExportReport(path=str(out), data_path=None, exporter=exporter, opset=int(opset),
-                          input_shape=list(shape), dynamic_batch=dynamic_batch, fp16=fp16, folded=fold,
-                          channel_affine=channel_affine, notes=notes)
-    _refuse_unexportable(model, shape)
-    if fold:
-        from normsurgeon.passes.fold import fold as fold_pass
+    caller, was_training = model, model.training  # the caller's model goes to eval for the export, then back
+    try:
+        t_start = time.perf_counter()
+        out = check_output(path, force, kind="onnx")
+        exporter, notes = check_options(opset, exporter, channel_affine, groupnorm)
+        original = model.eval()
+        shape, shape_from = input_shape_and_source(model, input_shape, batch=1)
+        seconds: dict[str, float] = {}
+        report = ExportReport(path=str(out), data_path=None, exporter=exporter, opset=int(opset),
+                              input_shape=list(shape), dynamic_batch=dynamic_batch, fp16=fp16, folded=fold,
+                              channel_affine=channel_affine, notes=notes, input_shape_from=shape_from)
+        _refuse_unexportable(model, shape)
+        if fold:
+            from normsurgeon.passes.fold import fold as fold_pass
 
-        t = time.perf_counter()
-        res = fold_pass(model, input_shape=shape, keep=keep)
-        model = res.model
-        seconds["fold"] = time.perf_counter() - t
-        report.fold = {"path": res.path, "summary": res.summary(),
-                       "verification": res.verification.to_dict() if res.verification else None}
-        if res.verification is not None and not res.verification.ok:
-            report.notes.append(f"fold changed outputs by {res.verification.max_rel_error:.1e} relative")
-    model = model.eval()
-    x = probe_input(model, shape)
-    with torch.no_grad():
-        n_out = len(_flatten(model(x)))
-    out_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-
-    t = time.perf_counter()
-    proto, used = _export(model, x, int(opset), dynamic_batch, exporter, out_names, report.notes)
-    report.exporter = used
-    seconds["export"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    proto, graph_info = onnx_opt.optimize(proto, channel_affine=channel_affine, groupnorm=groupnorm)
-    if fp16:
-        proto = _to_fp16(proto)
-    seconds["optimize"] = time.perf_counter() - t
-    report.graph = graph_info
-    report.nodes = onnx_opt.op_histogram(proto)
-    report.batchnorm_nodes = report.nodes.get("BatchNormalization", 0)
-    report.constant_nodes = len(onnx_opt.constant_nodes(proto))
-    report.groupnorm_nodes = onnx_opt.groupnorm_count(proto)
-    if report.batchnorm_nodes:
-        report.notes.append(f"{report.batchnorm_nodes} BatchNormalization node(s) remain"
-                            + (" (layers kept or not foldable; see `normsurgeon fold`)" if fold else " (--no-fold)"))
-
-    written = _default_opset(proto)
-    if written != int(opset):  # never report an opset the file does not have
-        raise ExportError(f"the {used} export came out at opset {written}, not the requested {opset}; "
-                          f"nothing written: ask for --opset {written} or try another --exporter")
-
-    with temp_path(out, folder=True) as tmpdir:
-        tmp = tmpdir / out.name
-        size = sum(len(t.raw_data) for t in proto.graph.initializer)
-        ext = external_data if external_data is not None else size > EXTERNAL_DATA_BYTES
-        _save(proto, tmp, ext)
-        import onnx
-
-        t = time.perf_counter()
-        onnx.checker.check_model(str(tmp))
-        report.checker = "ok"
-        seconds["check"] = time.perf_counter() - t
-        if verify:
             t = time.perf_counter()
-            report.verification = _verify(original, tmp, shape, dynamic_batch, fp16)
-            seconds["verify"] = time.perf_counter() - t
-            if report.verification.get("problem"):
-                raise VerificationError(f"{report.verification['problem']}; nothing written")
-            if not report.verification["ok"]:
-                v = report.verification
-                raise VerificationError(
-                    f"ONNX Runtime output differs from PyTorch by {v['max_rel_error']:.2e} relative "
-                    f"(max abs {v['max_abs_error']:.2e}, limit {v['tolerance']:.0e}); nothing written")
-        data = tmp.with_name(tmp.name + ".data")
-        if data.exists():
-            out_data = out.with_name(out.name + ".data")
-            move_into_place(data, out_data, force)
-            report.data_path = str(out_data)
-        try:
-            move_into_place(tmp, out, force)
-        except BaseException:
-            if report.data_path:
-                Path(report.data_path).unlink()
-            raise
-    report.bytes = out.stat().st_size + (Path(report.data_path).stat().st_size if report.data_path else 0)
-    seconds["total"] = time.perf_counter() - t_start
-    report.seconds = {k: round(v, 3) for k, v in seconds.items()}
-    return report
+            res = fold_pass(model, input_shape=shape, keep=keep)
+            model = res.model
+            seconds["fold"] = time.perf_counter() - t
+            report.fold = {"path": res.path, "summary": res.summary(),
+                           "verification": res.verification.to_dict() if res.verification else None}
+            if res.verification is not None and not res.verification.ok:
+                report.notes.append(f"fold changed outputs by {res.verification.max_rel_error:.1e} relative")
+        model = model.eval()
+        x = probe_input(model, shape)
+        with torch.no_grad():
+            n_out = len(_flatten(model(x)))
+        out_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+
+        t = time.perf_counter()
+        proto, used = _export(model, x, int(opset), dynamic_batch, exporter, out_names, report.notes)
+        report.exporter = used
+        seconds["export"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        proto, graph_info = onnx_opt.optimize(proto, channel_affine=channel_affine, groupnorm=groupnorm)
+        if fp16:
+            proto = _to_fp16(proto)
+        seconds["optimize"] = time.perf_counter() - t
+        report.graph = graph_info
+        report.nodes = onnx_opt.op_histogram(proto)
+        report.batchnorm_nodes = report.nodes.get("BatchNormalization", 0)
+        report.constant_nodes = len(onnx_opt.constant_nodes(proto))
+        report.groupnorm_nodes = onnx_opt.groupnorm_count(proto)
+        if report.batchnorm_nodes:
+            report.notes.append(f"{report.batchnorm_nodes} BatchNormalization node(s) remain"
+                                + (" (layers kept or not foldable; see `normsurgeon fold`)" if fold else " (--no-fold)"))
+
+        written = _default_opset(proto)
+        if written != int(opset):  # never report an opset the file does not have
+            raise ExportError(f"the {used} export came out at opset {written}, not the requested {opset}; "
+                              f"nothing written: ask for --opset {written} or try another --exporter")
+
+        with temp_path(out, folder=True) as tmpdir:
+            tmp = tmpdir / out.name
+            size = sum(len(t.raw_data) for t in proto.graph.initializer)
+            ext = external_data if external_data is not None else size > EXTERNAL_DATA_BYTES
+            _save(proto, tmp, ext)
+            import onnx
+
+            t = time.perf_counter()
+            onnx.checker.check_model(str(tmp))
+            report.checker = "ok"
+            seconds["check"] = time.perf_counter() - t
+            if verify:
+                t = time.perf_counter()
+                report.verification = _verify(original, tmp, shape, dynamic_batch, fp16)
+                seconds["verify"] = time.perf_counter() - t
+                if report.verification.get("problem"):
+                    raise VerificationError(f"{report.verification['problem']}; nothing written")
+                if not report.verification["ok"]:
+                    v = report.verification
+                    raise VerificationError(
+                        f"ONNX Runtime output differs from PyTorch by {v['max_rel_error']:.2e} relative "
+                        f"(max abs {v['max_abs_error']:.2e}, limit {v['tolerance']:.0e}); nothing written")
+            data = tmp.with_name(tmp.name + ".data")
+            if data.exists():
+                out_data = out.with_name(out.name + ".data")
+                move_into_place(data, out_data, force)
+                report.data_path = str(out_data)
+            try:
+                move_into_place(tmp, out, force)
+            except BaseException:
+                if report.data_path:
+                    Path(report.data_path).unlink()
+                raise
+        report.bytes = out.stat().st_size + (Path(report.data_path).stat().st_size if report.data_path else 0)
+        seconds["total"] = time.perf_counter() - t_start
+        report.seconds = {k: round(v, 3) for k, v in seconds.items()}
+        return report
+    finally:
+        caller.train(was_training)
 
 
 def _refuse_unexportable(model, shape) -> None:

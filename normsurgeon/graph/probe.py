@@ -18,42 +18,60 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:200] if lines else "no message"
 
 
-def default_input_shape(model: nn.Module, batch: int = 2) -> tuple[int, ...]:
-    """The model's own input size (timm's pretrained_cfg), else a guess from its first layer."""
+def input_shape_and_source(model: nn.Module, shape=None, batch: int = 2) -> tuple[tuple[int, ...], str]:
+    """The input shape to run ``model`` on, and where it came from: ``given``; ``recorded`` (the
+    shape an earlier verb used, stored in the model's file; its batch size is replaced by ``batch``);
+    ``model config`` (timm's pretrained_cfg); or ``guessed from the first layer``."""
+    if shape:
+        return tuple(int(d) for d in shape), "given"
+    from normsurgeon import provenance
+
+    recorded = provenance.input_shape(model)
+    if recorded:
+        return (batch, *recorded[1:]), "recorded"
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and cfg.get("input_size"):
-        return (batch, *cfg["input_size"])
+        return (batch, *cfg["input_size"]), "model config"
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            return (batch, m.in_channels, 224, 224)
+            return (batch, m.in_channels, 224, 224), "guessed from the first layer"
         if isinstance(m, nn.Conv1d):
-            return (batch, m.in_channels, 128)
+            return (batch, m.in_channels, 128), "guessed from the first layer"
         if isinstance(m, nn.Conv3d):
-            return (batch, m.in_channels, 16, 64, 64)
+            return (batch, m.in_channels, 16, 64, 64), "guessed from the first layer"
         if isinstance(m, nn.Linear):
-            return (batch, m.in_features)
+            return (batch, m.in_features), "guessed from the first layer"
         if isinstance(m, nn.Embedding):
             raise ModelSpecError("the model starts with an embedding; pass --input-shape explicitly")
     raise ModelSpecError("cannot guess the model's input shape; pass --input-shape N,C,H,W")
 
 
+def default_input_shape(model: nn.Module, batch: int = 2) -> tuple[int, ...]:
+    """The shape recorded with the model, its own config's (timm), else a guess from its first layer."""
+    return input_shape_and_source(model, None, batch)[0]
+
+
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
-    if text is None or text == "":
-        return None
-    try:
-        dims = tuple(int(t) for t in str(text).replace("x", ",").split(",") if t.strip())
-    except ValueError:
-        raise ModelSpecError(f"bad --input-shape {text!r}: write integers like 1,3,224,224") from None
-    if len(dims) < 2 or any(d < 1 for d in dims):
-        raise ModelSpecError(f"bad --input-shape {text!r}: need at least N,C with positive sizes")
-    return dims
+    from normsurgeon.preflight import shape
+
+    return shape(text)
+
+
+MEMORY_CHECK_BYTES = 64 * 2**20  # inputs above this size get an activation-memory estimate first
 
 
 def probe_input(model: nn.Module, shape: tuple[int, ...] | None = None, seed: int = 0) -> torch.Tensor:
+    """A seeded random input of ``shape`` (default: :func:`default_input_shape`) in the model's dtype
+    and device. A large input whose activations would not fit in memory is refused first
+    (:func:`normsurgeon.graph.memory.check_fits`)."""
     shape = shape or default_input_shape(model)
     p = next(iter(model.parameters()), None)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     device = p.device if p is not None else "cpu"
+    if torch.Size(shape).numel() * 4 > MEMORY_CHECK_BYTES and torch.device(device).type == "cpu":
+        from normsurgeon.graph.memory import check_fits
+
+        check_fits(model, tuple(shape), dtype)
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
 

@@ -12,18 +12,20 @@ from torch import fx, nn
 
 
 def norm_leaf_types() -> tuple[type, ...]:
-    """Module types kept whole during tracing: norms (BN subclasses too), convs, linears, our layers."""
+    """Module types kept whole during tracing: norms (BN subclasses too), convs, linears, normsurgeon's
+    layers, and the layers registered recipes declare as leaves."""
     from torch.nn.modules.batchnorm import _BatchNorm
     from torch.nn.modules.instancenorm import _InstanceNorm
 
-    import normsurgeon.layers as L
-
     from torch.nn.modules.conv import _ConvNd
+
+    import normsurgeon.layers as L
+    from normsurgeon.recipes.registry import layer_classes
 
     extra = tuple(
         t for t in (getattr(L, name) for name in getattr(L, "__all__", ()))
         if isinstance(t, type) and t is not L.NormAct  # NormAct is traced through: fold sees its parts
-    )
+    ) + layer_classes(leaf=True)  # every registered recipe's layers, a recipe added at run time too
     # conv/linear subclasses (timm's StdConv2d, ScaledStdConv2d) stay whole so fold can see them
     return (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, _ConvNd, nn.Linear) + extra
 

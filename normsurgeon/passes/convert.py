@@ -28,7 +28,9 @@ from normsurgeon.graph.modules import (
     set_submodule,
 )
 from normsurgeon.graph.functional_bn import is_functional_bn, read_functional_bn
-from normsurgeon.graph.probe import ModuleUse, ProbeError, input_shape_of, observe, probe_input, run_probe
+from normsurgeon.graph.probe import (
+    ModuleUse, ProbeError, input_shape_and_source, input_shape_of, observe, probe_input, run_probe,
+)
 from normsurgeon.graph.trace import check_traced, try_trace
 from normsurgeon.graph.verify import batch_independence_error, compare, raise_if_unverifiable
 from normsurgeon.layers.norm_act import NormAct, bn_extras
@@ -67,7 +69,7 @@ def convert(
     input_norm = train_options.input_norm_kind(input_norm)
     overrides = {pat: parse_recipe(r, **options) for pat, r in (layers or {}).items()}
     check_options(options, [recipe, *overrides.values()])
-    shape = tuple(input_shape) if input_shape else None
+    shape, shape_from = input_shape_and_source(model, input_shape)
     x = probe_input(model, shape)
     x, eager = run_probe(model, x)  # the model must run on the probe: else the shape is the user's to fix
     shape = input_shape_of(x)
@@ -131,7 +133,8 @@ def convert(
     provenance.record(new, model, "convert", args)
     return SurgeryResult(
         model=new, changes=changes, verb="convert", path=path, verification=ver,
-        info={"recipe": str(recipe), "input_shape": list(shape), "batch_independence_error": bi},
+        info={"recipe": str(recipe), "input_shape": list(shape), "input_shape_from": shape_from,
+              "batch_independence_error": bi},
     )
 
 

@@ -27,7 +27,7 @@ from torch import fx, nn
 from normsurgeon import provenance
 from normsurgeon.errors import VerificationError
 from normsurgeon.graph.modules import check_patterns_used, describe, set_submodule
-from normsurgeon.graph.probe import input_shape_of, map_input, probe_input, run_probe
+from normsurgeon.graph.probe import input_shape_and_source, input_shape_of, map_input, probe_input, run_probe
 from normsurgeon.graph.trace import check_traced, try_trace
 from normsurgeon.graph.verify import compare, raise_if_unverifiable
 from normsurgeon.layers.affine import ChannelAffine
@@ -54,7 +54,8 @@ def fold(
     folded model's eval output differs by more than 1e-5 relative on the probe input.
     """
     t0 = time.perf_counter()
-    x = probe_input(model, tuple(input_shape) if input_shape else None)
+    given, shape_from = input_shape_and_source(model, input_shape)
+    x = probe_input(model, given)
     x, _ = run_probe(model, x)  # the model must run on the probe: else the shape is the user's to fix
     shape = input_shape_of(x)
     new = copy.deepcopy(model).eval()
@@ -100,7 +101,8 @@ def fold(
         )
     provenance.record(new, model, "fold", {"input_shape": list(shape), "keep": list(keep)})
     remaining = sum(1 for m in new.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-    info.update({"input_shape": list(shape), "fold_seconds": round(fold_s, 4), "remaining_batchnorm": remaining})
+    info.update({"input_shape": list(shape), "input_shape_from": shape_from, "fold_seconds": round(fold_s, 4),
+                 "remaining_batchnorm": remaining})
     return SurgeryResult(model=new, changes=changes, verb="fold", path=path, verification=ver, info=info)
 
 
