@@ -6,8 +6,32 @@ touched and every layer it left alone (with the reason), so a user can audit the
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
+
+
+class Reported:
+    """What every verb's result offers: ``report``, the JSON-ready dict the CLI's ``--json`` prints
+    (without the envelope), and ``to_json()``, that dict as JSON text."""
+
+    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - each result defines it
+        raise NotImplementedError
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.report, indent=indent, default=_jsonable)
+
+
+def _jsonable(o: Any):
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
 
 
 @dataclass(frozen=True)
@@ -49,7 +73,7 @@ class Verification:
 
 
 @dataclass
-class SurgeryResult:
+class SurgeryResult(Reported):
     """What a model-rewriting verb returns: the new model and the record of every change."""
 
     model: Any  # torch.nn.Module (kept untyped so this module imports without torch)

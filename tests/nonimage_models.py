@@ -1,6 +1,5 @@
 """Small non-image models for tests/test_non_image_inputs.py: sequences (N, C, L), raw audio (N, L),
 tables (N, F) and volumes (N, C, D, H, W), each with BatchNorm. Importable as a MODEL factory spec."""
-import torch
 from torch import nn
 
 

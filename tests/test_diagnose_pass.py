@@ -1,6 +1,7 @@
 """The diagnose pass: hooks see every norm layer and the block after it; pooled figures equal a
 direct computation over the whole data; teacher matching; verdicts."""
 import copy
+import json
 
 import pytest
 import torch
@@ -8,8 +9,8 @@ from torch import nn
 
 import normsurgeon as ns
 from normsurgeon.diagnosis import measures as M
-from normsurgeon.layers import ProxyNorm
 from normsurgeon.diagnosis.sites import find_sites
+from normsurgeon.layers import ProxyNorm
 from tests.util import randomize_norm_stats
 
 
@@ -180,7 +181,8 @@ def test_proxy_norm_joins_the_block_after_the_activation():
 
 def test_json_report_shape():
     r = ns.diagnose(small_cnn(), data())
-    rep = r.to_json()
+    rep = json.loads(r.to_json())
+    assert rep == json.loads(json.dumps(r.report, default=str))
     assert rep["samples"] == 23 and rep["layers"][0]["name"] == "1"
     assert all("verdict" in row and "name" in row for row in rep["layers"])
     assert set(rep["thresholds"]) >= {"stale_shift", "collapse", "dead_share", "diverged_cka"}

@@ -1,7 +1,6 @@
 """Every relative link in the docs, and every repository path named in docs and code, resolves; nothing
 points at files outside the repository or at an issue tracker users cannot see."""
 import re
-from pathlib import Path
 
 from tests.util import ROOT
 

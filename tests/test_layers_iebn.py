@@ -4,7 +4,6 @@ import copy
 import json
 
 import torch
-from torch import nn
 
 import normsurgeon
 from normsurgeon.layers import IEBNGate, InstanceEnhancedBatchNorm

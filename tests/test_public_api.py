@@ -28,3 +28,16 @@ def test_every_error_class_lives_in_errors_and_is_exported():
         if py.name != "errors.py":
             text = py.read_text()
             assert "(NormSurgeonError):" not in text and "(ModelSpecError):" not in text, py
+
+
+def test_every_verb_result_has_report_and_to_json(tmp_path):
+    import json
+
+    m = normsurgeon.load_model("normsurgeon:digits_cnn")
+    shape = (2, 1, 16, 16)
+    results = [normsurgeon.convert(m, "gn", input_shape=shape), normsurgeon.fold(m, input_shape=shape),
+               normsurgeon.inspect(m, input_shape=shape),
+               normsurgeon.export_onnx(m, tmp_path / "m.onnx", input_shape=(1, 1, 16, 16)),
+               normsurgeon.bench(tmp_path / "m.onnx", provider="cpu", batch_sizes=[1], runs=1, warmup=0)]
+    for r in results:
+        assert isinstance(r.report, dict) and json.loads(r.to_json()) == json.loads(json.dumps(r.report, default=str))

@@ -7,7 +7,7 @@ import sys
 import onnx
 import pytest
 
-from tests.util import ROOT, assert_one_error_line, run_cli
+from tests.util import assert_one_error_line, run_cli
 
 MYMODELS = '''
 import torch

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from normsurgeon.errors import DataError, ModelSpecError, NormSurgeonError, first_line
+from normsurgeon.report import Reported
 
 
 @dataclass
@@ -39,7 +40,7 @@ class BenchRow:
 
 
 @dataclass
-class BenchReport:
+class BenchReport(Reported):
     provider: str
     provider_note: str
     precision: str

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normsurgeon.errors import VerificationError, first_line, ExportError
+from normsurgeon.errors import ExportError, VerificationError, first_line
+from normsurgeon.report import Reported
 
 EXTERNAL_DATA_BYTES = 1536 << 20  # above this the weights go to PATH.data (protobuf's limit is 2 GiB)
 TOLERANCE = {False: 1e-4, True: 1e-2}  # max |ort - torch| / max |torch|, fp32 / fp16
@@ -33,7 +34,7 @@ TORCHSCRIPT_MAX_OPSET = 20
 
 
 @dataclass
-class ExportReport:
+class ExportReport(Reported):
     path: str
     data_path: str | None
     exporter: str

@@ -48,8 +48,10 @@ class DiagnoseResult:
         return {**self.info, "thresholds": thresholds(), "summary": {k: n for k, n in counts.items() if n},
                 "layers": self.layers}
 
-    def to_json(self) -> dict:
-        return self.report
+    def to_json(self, indent: int | None = 2) -> str:
+        import json
+
+        return json.dumps(self.report, indent=indent, default=str)
 
     def flagged(self, word: str) -> list[str]:
         return [r["name"] for r in self.layers if r["verdict"] == word]

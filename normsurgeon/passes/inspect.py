@@ -15,15 +15,15 @@ from normsurgeon.errors import NormSurgeonError
 from normsurgeon.graph.probe import input_shape_of, observe, probe_input, run_probe
 from normsurgeon.graph.trace import check_traced, node_label, try_trace
 from normsurgeon.recipes import all_recipes
+from normsurgeon.report import Reported
 
 
 def norm_types() -> tuple[type, ...]:
     from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.conv import _ConvNd
     from torch.nn.modules.instancenorm import _InstanceNorm
 
     from normsurgeon.graph.trace import norm_leaf_types
-    from torch.nn.modules.conv import _ConvNd
-
     from normsurgeon.passes.fold_rules import frozen_bn_types, per_sample_norm_types
 
     extra = tuple(t for t in norm_leaf_types() if not issubclass(t, (_ConvNd, nn.Linear)))
@@ -44,7 +44,7 @@ class LayerInfo:
 
 
 @dataclass
-class InspectReport:
+class InspectReport(Reported):
     model: str
     traceable: bool
     trace_error: str | None
