@@ -19,7 +19,7 @@ def test_fold_detection_verifies_on_features(tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     v = d["verification"]
-    assert d["path"] == "module-swap" and d["remaining BatchNorm"] == 0
+    assert d["path"] == "module-swap" and d["info"]["remaining_batchnorm"] == 0
     assert v["ok"] and v["compared"].startswith("features at roi_heads.") and "empty" in v["note"]
     assert (tmp_path / "d.pt").exists()
 

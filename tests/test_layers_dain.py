@@ -103,7 +103,7 @@ def test_cli_input_norm_dain_and_a_bad_value(tmp_path):
                 "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["summary"]["inserted"] == 1
-    assert isinstance(normsurgeon.load_model(str(out)).input_norm, DAIN)
+    assert isinstance(normsurgeon.load_model(str(out), trust_code=True).input_norm, DAIN)
     bad = tmp_path / "bad.pt"
     r = run_cli("convert", spec, "--to", "gn", "--input-norm", "zscore", "--input-shape", "2,3,32", "-o", str(bad))
     assert_one_error_line(r, "dain")

@@ -91,7 +91,7 @@ def test_cli_volume_and_audio(tmp_path):
     r = run_cli("fold", "nonimage_models:vol", "-o", str(tmp_path / "v.pt"), "--input-shape", "2,2,6,8,8",
                 "--verify", "--json", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["remaining BatchNorm"] == 0
+    assert json.loads(r.stdout)["info"]["remaining_batchnorm"] == 0
     # the default probe (N, 1, 128) is wrong for a raw-audio model: the message says what to pass
     r = run_cli("convert", "nonimage_models:wave", "--to", "gn+ws", "-o", str(tmp_path / "w.pt"), cwd=tmp_path, env=env)
     assert_one_error_line(r, "suggests N,C,L", "or N,L")

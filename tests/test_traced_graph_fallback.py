@@ -135,7 +135,7 @@ def test_cli_on_a_graph_that_fails(zoo, tmp_path):
                 "--json", cwd=d)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["path"] == "module-swap" and out["remaining BatchNorm"] == 0 and out["verification"]["ok"]
+    assert out["path"] == "module-swap" and out["info"]["remaining_batchnorm"] == 0 and out["verification"]["ok"]
     r = run_cli("export", "skipnets:unet", "-o", str(tmp_path / "u.onnx"), "--input-shape", "1,1,8,8,8",
                 "--exporter", "torchscript", "--verify", "--json", cwd=d)
     assert r.returncode == 0, r.stderr
