@@ -39,7 +39,8 @@ def test_bench_cpu_rows_percentiles_and_interleaved_compare():
 
 def test_bench_onnx_file_with_fixed_batch(tmp_path):
     path = tmp_path / "m.onnx"
-    normsurgeon.export_onnx(_small(8), path, input_shape=(2, 3, 16, 16), exporter="torchscript")
+    normsurgeon.export_onnx(_small(8), path, input_shape=(2, 3, 16, 16), exporter="torchscript",
+                           dynamic_batch=False)
     rep = normsurgeon.bench(str(path), provider="cpu", batch_sizes=(1, 2), runs=3, warmup=1)
     assert [(r.backend, r.batch) for r in rep.rows] == [("ort-cpu", 2)]  # no torch twin for an .onnx
     assert any("fixed batch 2" in n for n in rep.notes)
