@@ -30,6 +30,8 @@ _API = {
     "equalize": "normsurgeon.passes.equalize",
     "recalibrate": "normsurgeon.calibrate.recalibrate",
     "evaluate": "normsurgeon.calibrate.evaluate",
+    "distill": "normsurgeon.distillation.api",
+    "DistillResult": "normsurgeon.distillation.api",
     "export_onnx": "normsurgeon.deploy.export",
     "bench": "normsurgeon.deploy.bench",
     "NormSurgeonError": "normsurgeon.errors",

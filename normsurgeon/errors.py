@@ -55,3 +55,14 @@ class VerificationError(NormSurgeonError):
 
 class DependencyError(NormSurgeonError):
     """An optional dependency (onnxruntime, CUDA, timm, ...) is missing."""
+
+
+class DistillError(NormSurgeonError):
+    """Distillation cannot start or continue: teacher and student disagree in output shape, the loss
+    became NaN/Inf, or a checkpoint does not fit the run."""
+
+
+class InterruptedRun(NormSurgeonError):
+    """The user stopped a long run (Ctrl-C); a checkpoint was written so it can be resumed."""
+
+    exit_code = 130

@@ -18,7 +18,7 @@ app = typer.Typer(
 )
 
 # one module per verb; each defines register(app)
-COMMANDS = ("inspect", "convert", "fold", "equalize", "recalibrate", "evaluate", "export", "bench")
+COMMANDS = ("inspect", "convert", "fold", "equalize", "recalibrate", "evaluate", "export", "bench", "distill")
 
 
 def _print_version(value: bool) -> None:
