@@ -1,10 +1,11 @@
 """A residual network of ResNet-18 width on scikit-learn's digits at 32x32, and BN-teacher training.
 
 ``digits_resnet()`` (MODEL spec ``examples.digits_resnet:digits_resnet``, run from the project root)
-upsamples the 16x16 ``digits`` inputs to 32x32 inside its forward, then runs a ResNet-18-width body
-(stem conv 3x3/2 with 64 channels, one basic block per stage at widths 64, 128, 256, 512, strides
-1, 2, 2, 2), global average pooling and a linear classifier. One block per stage instead of
-ResNet-18's two keeps training and distillation within minutes on a small shared CPU.
+upsamples the 16x16 ``digits`` inputs to 32x32 inside its forward, then runs a ResNet-18-width body:
+ResNet-18's stem layout (conv/2 with 64 channels, BN, ReLU, max-pool/2; a 3x3 conv instead of 7x7
+for 1-channel 32x32 inputs), one basic block per stage at widths 64, 128, 256, 512 with strides 1, 2,
+2, 2 (8x8 down to 1x1), global average pooling and a linear classifier. One block per stage instead
+of ResNet-18's two keeps training and distillation within minutes on a small shared CPU.
 
 ``train_teacher(model, steps, seed)`` trains any digits classifier with BN to convergence on
 ``digits:train``: SGD momentum 0.9, lr 0.05 with cosine decay to zero, weight decay 5e-4, batch 64.
@@ -45,7 +46,8 @@ class DigitsResNet(nn.Module):
     def __init__(self, widths=WIDTHS, classes: int = 10) -> None:
         super().__init__()
         self.up = nn.Upsample(size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
         blocks, cin = [], widths[0]
         for i, w in enumerate(widths):
             blocks.append(Block(cin, w, 1 if i == 0 else 2))

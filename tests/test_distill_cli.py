@@ -145,6 +145,7 @@ def _wait_for(path, proc, min_step=1, timeout=120):
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_an_uninterrupted_run(files, tmp_path):
     student, teacher = files
     out = tmp_path / "k.pt"
@@ -169,6 +170,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(files, tmp_path):
     assert not ck.exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_and_exits_130(files, tmp_path):
     student, teacher = files
     out = tmp_path / "c.pt"
@@ -185,6 +187,7 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(files, tmp_path):
     assert torch.load(ck, weights_only=True)["step"] == step and not out.exists()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(files, tmp_path):
     """2 gloo processes, global batch 32 (16 each), 20 steps == 1 process at batch 32, rank 0 writes."""
     student, teacher = files

@@ -35,10 +35,11 @@ def register(app: typer.Typer) -> None:
         output: str = common.output_opt(),
         steps: int = typer.Option(1000, "--steps", help="Optimizer steps."),
         batch_size: int = typer.Option(64, "--batch-size", help="Samples per step (the global batch under torchrun)."),
-        lr: float = typer.Option(1e-3, "--lr", help="Peak AdamW learning rate (warm-up, then cosine decay to 0)."),
+        lr: float = typer.Option(3e-3, "--lr", help="Peak AdamW learning rate (warm-up, then cosine decay to 0)."),
         seed: int = typer.Option(0, "--seed", help="Data order (and inversion) seed."),
         loss: str = typer.Option("auto", "--loss", help="auto (KL on (N, classes) logits, MSE otherwise), kl or mse."),
         no_init: bool = typer.Option(False, "--no-init", help="Skip the moment-init stage."),
+        no_mixup: bool = typer.Option(False, "--no-mixup", help="Match on the data points only (no input mixup)."),
         input_shape: Optional[str] = typer.Option(None, "--input-shape", help="inversion:N: input shape N,C,H,W "
                                                   "(N ignored; default: the model's config)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -66,7 +67,7 @@ def register(app: typer.Typer) -> None:
             bar, advance = progress_bar(steps, 0) if rank == 0 else (_null(), None)
             with bar:
                 result = distill(s, t, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
-                                 init=not no_init, input_shape=shape, device=device, checkpoint=ckpt,
+                                 init=not no_init, mixup=not no_mixup, input_shape=shape, device=device, checkpoint=ckpt,
                                  checkpoint_every=checkpoint_every, resume=resume, progress=advance)
             if rank != 0:
                 return

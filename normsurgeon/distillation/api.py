@@ -35,7 +35,7 @@ from normsurgeon.distillation.loop import LoopConfig, make_optimizer, train
 from normsurgeon.distillation.moment_init import moment_init
 from normsurgeon.errors import DataError, DistillError, first_line
 
-DEFAULTS = {"steps": 1000, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.0, "seed": 0, "loss": "auto",
+DEFAULTS = {"steps": 1000, "batch_size": 64, "lr": 3e-3, "weight_decay": 0.0, "seed": 0, "loss": "auto",
             "temperature": 1.0}
 INIT_SAMPLES = 512
 
@@ -76,6 +76,7 @@ def distill(
     loss: str = DEFAULTS["loss"],
     temperature: float = DEFAULTS["temperature"],
     init: bool = True,
+    mixup: bool = True,
     input_shape: Any = None,
     device: str | torch.device | None = "cpu",
     checkpoint: str | os.PathLike | None = None,
@@ -130,10 +131,11 @@ def distill(
     cfg = LoopConfig(steps=steps, batch_size=batch_size, lr=float(lr), weight_decay=float(weight_decay),
                      warmup=_warmup(warmup, steps), seed=int(seed), loss=loss, temperature=float(temperature),
                      checkpoint=Path(checkpoint) if checkpoint is not None else None,
-                     checkpoint_every=int(checkpoint_every))
+                     checkpoint_every=int(checkpoint_every), mixup=bool(mixup))
     config = {"steps": steps, "batch_size": batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
               "warmup": cfg.warmup, "seed": cfg.seed, "loss": loss, "temperature": cfg.temperature,
-              "data": dataset.name, "samples": len(dataset), "init": bool(init)}
+              "data": dataset.name, "samples": len(dataset), "init": bool(init),
+              "mixup": bool(mixup)}
     if cfg.checkpoint is not None and not resume and cfg.checkpoint.exists():
         raise DistillError(f"a checkpoint of an earlier run exists at {cfg.checkpoint}: pass --resume to continue "
                            "it, or delete it to start afresh")
@@ -142,8 +144,6 @@ def distill(
     def gauge():
         return measure.measure(new, t_model, dataset, ev, dev, dtype, loss, cfg.temperature)
 
-    before = gauge()
-    record: dict = {"stages": [], "before": before, "loop_start": before}
     optimizer = make_optimizer(new, cfg)
     start_step = 0
     if resume:
@@ -158,7 +158,10 @@ def distill(
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         start_step, record = int(state["step"]), state["record"]
-    elif init:
+    else:
+        before = gauge()
+        record = {"stages": [], "before": before, "loop_start": before}
+    if init and not resume:
         t0 = time.perf_counter()
         xs = dataset.take(torch.arange(min(INIT_SAMPLES, len(dataset))))[0].to(device=dev, dtype=dtype)
         fitted = moment_init(new, t_model, xs)
@@ -178,11 +181,12 @@ def distill(
     provenance.record(new, student, "distill", {
         "replay": False, "teacher": (provenance.get(teacher) or {}).get("source"), "data": dataset.name,
         "steps": steps, "batch_size": batch_size, "lr": cfg.lr, "seed": cfg.seed, "loss": loss, "init": bool(init),
+        "mixup": bool(mixup),
     })
     report = {
         "steps": steps, "resumed_from_step": start_step if resume else None, "seconds": round(time.perf_counter() - started, 3),
         "train_seconds": round(summary["seconds"], 3), "batch_size": batch_size, "lr": cfg.lr, "seed": cfg.seed,
-        "loss": loss, "world_size": world, "device": str(dev), "data": dataset.name, "samples": len(dataset),
+        "loss": loss, "mixup": bool(mixup), "world_size": world, "device": str(dev), "data": dataset.name, "samples": len(dataset),
         "eval_samples": len(ev), "labels": dataset.has_labels, "inversion": inv_report,
         "stages": stages, "before": _public(before), "after": _public(final),
         "teacher_accuracy": final["teacher_accuracy"],

@@ -7,7 +7,7 @@ Determinism, which resume and data parallelism rely on:
 - batch ``s`` is a pure function of (seed, s): epoch ``e = s // (N // B)`` uses the permutation
   ``randperm(N)`` seeded with ``seed * 1_000_003 + e`` and takes its ``s % (N // B)``-th slice of B
   samples (a remainder smaller than B is left out of that epoch);
-- the learning rate is a pure function of s;
+- the learning rate is a pure function of s, and so is the input mixup of batch s (:func:`mix`);
 - under ``torch.distributed`` (DDP, gloo on CPU, nccl on CUDA) rank r of W takes the r-th of W equal
   parts of the same global batch; DDP averages the gradients, which equals the gradient of the mean
   over the whole batch, so W processes take the steps one process takes.
@@ -36,6 +36,7 @@ from normsurgeon.distillation import outputs
 from normsurgeon.errors import DistillError, InterruptedRun
 
 SEED_STRIDE = 1_000_003
+MIX_OFFSET = 500_000_017  # mixing draws use other seeds than the data order
 
 
 @dataclass
@@ -50,6 +51,20 @@ class LoopConfig:
     temperature: float
     checkpoint: Path | None = None
     checkpoint_every: int = 100
+    mixup: bool = True
+
+
+def mix(x: torch.Tensor, step: int, seed: int) -> torch.Tensor:
+    """Input mixup for a global batch (any per-sample shape): sample i becomes
+    ``lam_i * x_i + (1 - lam_i) * x_perm(i)`` with ``lam_i ~ U(0, 1)`` and a random pairing, both a pure
+    function of (seed, step). Teacher and student see the same mixed inputs, so the student learns the
+    teacher's function between the data points too, not only on them (no labels are involved)."""
+    g = torch.Generator().manual_seed(seed * SEED_STRIDE + step + MIX_OFFSET)
+    n = x.shape[0]
+    lam = torch.rand(n, generator=g, dtype=torch.float64).to(dtype=x.dtype, device=x.device)
+    perm = torch.randperm(n, generator=g).to(x.device)
+    lam = lam.view(n, *([1] * (x.dim() - 1)))
+    return lam * x + (1 - lam) * x[perm]
 
 
 def lr_at(step: int, cfg: LoopConfig) -> float:
@@ -140,8 +155,11 @@ def train(student: nn.Module, teacher: nn.Module, dataset, cfg: LoopConfig, devi
                 where = f"; checkpoint written to {cfg.checkpoint}, rerun with --resume to continue" \
                     if cfg.checkpoint else ""
                 raise InterruptedRun(f"interrupted at step {step} of {cfg.steps}{where}")
-            idx = order.indices(step)[rank * local:(rank + 1) * local]
-            x = dataset.take(idx)[0].to(device=device, dtype=dtype)
+            if cfg.mixup:  # mix the global batch, then take this rank's part
+                x = mix(dataset.take(order.indices(step))[0], step, cfg.seed)[rank * local:(rank + 1) * local]
+            else:
+                x = dataset.take(order.indices(step)[rank * local:(rank + 1) * local])[0]
+            x = x.to(device=device, dtype=dtype)
             with torch.no_grad():
                 t_out = teacher(x)
             loss = outputs.loss(model(x), t_out, cfg.loss, cfg.temperature)
