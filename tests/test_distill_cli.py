@@ -189,7 +189,8 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(files, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one(files, tmp_path):
-    """2 gloo processes, global batch 32 (16 each), 20 steps == 1 process at batch 32, rank 0 writes."""
+    """2 gloo processes, global batch 32 (16 each), 20 steps == 1 process at batch 32 within 1e-5 relative
+    (per tensor), rank 0 writes."""
     student, teacher = files
     out = tmp_path / "dp.pt"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
@@ -205,6 +206,9 @@ def test_torchrun_two_processes_equal_one(files, tmp_path):
     dp = load_model(str(out)).state_dict()
     moved = 0
     for k, v in single.state_dict().items():
-        torch.testing.assert_close(dp[k], v, rtol=1e-5, atol=1e-6)
+        # relative to each tensor's size: float32 sums of two half-batch gradients round differently from
+        # one full-batch sum, and AdamW's m/sqrt(v) magnifies that in elements whose gradient is ~0
+        rel = float((dp[k].double() - v.double()).norm() / v.double().norm().clamp_min(1e-12))
+        assert rel <= 1e-5, (k, rel)
         moved += not torch.equal(v, load_model(str(student)).state_dict()[k])
     assert moved >= 6
