@@ -9,7 +9,8 @@ Public API (each CLI verb is a thin layer over one of these)::
     fold(model, ...) -> SurgeryResult
     equalize(model, ...) -> SurgeryResult
     recalibrate(model, data, ...) -> SurgeryResult
-    evaluate(model, data, ...) -> dict
+    evaluate(model, data, ..., teacher=None) -> dict
+    distill(student, teacher, data, ...) -> DistillResult
     export_onnx(model, path, ...) -> ExportReport
     bench(model, ...) -> BenchReport
 
