@@ -164,3 +164,27 @@ def test_inversion_data_spec_runs_distill(teacher):
     inv = res.report["inversion"]
     assert res.report["data"] == "inversion:64" and inv["shape"] == [1, 16, 16]
     assert inv["bn_loss_end"] < inv["bn_loss_start"]
+
+
+class HandBuilt(nn.Module):
+    """A student written by hand (not from convert, other layer names, LayerNorm-free GN net)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(4, 32), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def test_student_not_from_convert(teacher):
+    torch.manual_seed(0)
+    student = HandBuilt()
+    x, test = load_digits("train").x, load_digits("test")
+    res = normsurgeon.distill(student, teacher, x, steps=150, batch_size=64, lr=1e-2, mixup=False)
+    assert res.report["stages"][0] == {**res.report["stages"][0], "name": "moment-init", "layers": 0}
+    before, after = _agreement(student, teacher, test.x), _agreement(res.model, teacher, test.x)
+    assert before < 0.3 and after > 0.6, (before, after)
