@@ -16,6 +16,7 @@ The student keeps its architecture; only its parameters change, and the input mo
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -97,7 +98,7 @@ def distill(
     _check_settings(steps, batch_size, lr, temperature, checkpoint_every)
     outputs.check_loss(loss)
     dev = resolve_device(device)
-    rank, world = rank_world()
+    world = rank_world()[1]
     t_model = copy.deepcopy(teacher).to(dev).eval().requires_grad_(False)
     new = copy.deepcopy(student).to(dev).eval()
     dtype = torch.float32 if not any(p.is_floating_point() for p in new.parameters()) else \
@@ -214,7 +215,7 @@ def _check_settings(steps, batch_size, lr, temperature, every) -> None:
     for name, v in (("--steps", steps), ("--batch-size", batch_size), ("--checkpoint-every", every)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise DistillError(f"bad {name} {v!r}: use an integer >= 1")
-    if not (isinstance(lr, (int, float)) and lr > 0 and lr == lr and lr != float("inf")):
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise DistillError(f"bad --lr {lr!r}: use a positive number, e.g. 1e-3")
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise DistillError(f"bad temperature {temperature!r}: use a positive number")
