@@ -9,7 +9,8 @@ Public API (each CLI verb is a thin layer over one of these)::
     fold(model, ...) -> SurgeryResult
     equalize(model, ...) -> SurgeryResult
     recalibrate(model, data, ...) -> SurgeryResult
-    evaluate(model, data, ...) -> dict
+    evaluate(model, data, ..., teacher=None) -> dict
+    distill(student, teacher, data, ...) -> DistillResult
     export_onnx(model, path, ...) -> ExportReport
     bench(model, ...) -> BenchReport
 
@@ -34,6 +35,8 @@ _API = {
     "equalize": "normsurgeon.passes.equalize",
     "recalibrate": "normsurgeon.calibrate.recalibrate",
     "evaluate": "normsurgeon.calibrate.evaluate",
+    "distill": "normsurgeon.distillation.api",
+    "DistillResult": "normsurgeon.distillation.api",
     "export_onnx": "normsurgeon.deploy.export",
     "bench": "normsurgeon.deploy.bench",
     "diagnose": "normsurgeon.diagnosis",

@@ -103,10 +103,21 @@ class DependencyError(NormSurgeonError):
     """An optional dependency (onnxruntime, CUDA, timm, ...) is missing."""
 
 
+class DistillError(NormSurgeonError):
+    """Distillation cannot start or continue: teacher and student disagree in output shape, the loss
+    became NaN/Inf, or a checkpoint does not fit the run."""
+
+
+class InterruptedRun(NormSurgeonError):
+    """The user stopped a long run (Ctrl-C); a checkpoint was written so it can be resumed."""
+
+    exit_code = 130
+
+
 class EnvironmentProblem(NormSurgeonError):
     """The machine, not the input: a read-only folder, a full disk, not enough memory."""
 
     exit_code = 4
 
 
-EXIT_CODES = {"ok": 0, "internal": 1, "input": 2, "verification": 3, "environment": 4}
+EXIT_CODES = {"ok": 0, "internal": 1, "input": 2, "verification": 3, "environment": 4, "interrupted": 130}

@@ -1,8 +1,8 @@
-"""DATA for ``recalibrate`` and ``evaluate``: a spec becomes a dataset of (x, y) samples.
+"""DATA for ``recalibrate``, ``evaluate`` and ``distill``: a spec becomes a dataset of (x, y) samples.
 
 DATA specs:
 
-- ``FILE.npz``: arrays ``x`` (N, C, H, W; any rank >= 2, floating point, already normalized) and
+- ``FILE.npz``: arrays ``x`` (N, ...: any per-sample shape the model takes, floating point, already normalized) and
   optionally ``y`` (N,) integer class labels. Loaded with ``allow_pickle=False``.
 - ``FILE.pt`` / ``FILE.pth``: ``{"x": tensor, "y": tensor}`` (or a bare ``x`` tensor), loaded
   weights-only (no code runs).

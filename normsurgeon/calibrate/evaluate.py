@@ -35,11 +35,14 @@ def evaluate(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     progress: Callable[[int], None] | None = None,
+    teacher: nn.Module | None = None,
 ) -> dict[str, Any]:
     """``{"accuracy", "loss", "samples", "correct", "noise", "noise_seed", "data"}`` on ``data``.
 
     ``loss`` is the mean cross-entropy of the model's logits (computed in float64). ``noise``:
-    ``"weight:ETA"``; ``noise_seed`` picks the instance.
+    ``"weight:ETA"``; ``noise_seed`` picks the instance. ``teacher``: also report ``agreement`` (the
+    fraction of samples whose top-1 class equals the teacher's) and ``output_diff`` (mean over samples
+    of the mean |logit - teacher logit|); the teacher runs clean, in eval mode.
     """
     spec = parse_noise(noise)
     noise_seed = check_seed(noise_seed, spec)
@@ -52,8 +55,12 @@ def evaluate(
     rank, world = rank_world()
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
-    correct = 0
-    loss_sum = 0.0
+    correct = agree = 0
+    loss_sum = diff_sum = 0.0
+    t_modes = [(m, m.training) for m in teacher.modules()] if teacher is not None else []
+    if teacher is not None:
+        check_fits(teacher, dataset)
+        teacher.eval()
     noisy = WeightNoise(model, spec) if spec is not None else None
     try:
         with torch.no_grad():
@@ -69,17 +76,25 @@ def evaluate(
                                     f"{logits.shape[1]} outputs")
                 correct += int((logits.argmax(1) == y).sum())
                 loss_sum += float(F.cross_entropy(logits.double(), y, reduction="sum"))
+                if teacher is not None:
+                    t_logits = _logits(run_model(teacher, x), x.shape[0])
+                    if t_logits.shape != logits.shape:
+                        raise DataError(f"the teacher returns {tuple(t_logits.shape)} outputs, the model "
+                                        f"{tuple(logits.shape)}: compare a model with its own teacher")
+                    agree += int((logits.argmax(1) == t_logits.argmax(1)).sum())
+                    diff_sum += float((logits.double() - t_logits.double()).abs().mean(1).sum())
                 if progress is not None:
                     progress(int(x.shape[0]))
     finally:
         if noisy is not None:
             noisy.restore()
-        for m, training in modes:
+        for m, training in modes + t_modes:
             m.training = training
-    totals = all_reduce_sum(torch.tensor([float(correct), loss_sum], dtype=torch.float64))
+    totals = all_reduce_sum(torch.tensor([float(correct), loss_sum, float(agree), diff_sum], dtype=torch.float64))
     correct, loss_sum = int(round(float(totals[0]))), float(totals[1])
     n = plan.samples
-    return {
+    extra = {} if teacher is None else {"agreement": float(totals[2]) / n, "output_diff": float(totals[3]) / n}
+    return {**extra,
         "accuracy": correct / n, "loss": loss_sum / n, "samples": n, "correct": correct,
         "noise": None if spec is None else str(spec), "noise_seed": noise_seed if spec is not None else None,
         "data": dataset.name,

@@ -80,31 +80,37 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+PROBE_SAMPLES = 2
+
+
 def check_fits(model: nn.Module, data: Dataset) -> None:
-    """Refuse data whose rank or channel count cannot feed the model's first conv/linear."""
-    shape = data.sample_shape
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            dims = len(m.kernel_size)
-            want = f"({m.in_channels}, " + ", ".join(["size"] * dims) + ")"
-            if len(shape) != dims + 1:
-                raise DataError(f"data samples have shape {shape}, but the model's first layer {name} "
-                                f"({type(m).__name__}) takes samples shaped {want}; check DATA's x layout (N, C, H, W)")
-            if shape[0] != m.in_channels:
-                raise DataError(f"data has {shape[0]} channels, but the model's first layer {name} expects "
-                                f"{m.in_channels}; give data with {m.in_channels} channels (for images: --mean/--std "
-                                "with 1 value each load grayscale, 3 load RGB)")
-            return
-        if isinstance(m, nn.Linear):
-            if shape[-1] != m.in_features:
-                raise DataError(f"data samples have shape {shape}, but the model's first layer {name} "
-                                f"(Linear) expects {m.in_features} features last")
-            return
+    """Refuse data the model cannot run on, by running it on the first samples (no_grad, eval mode,
+    modes restored after): the model decides which per-sample shapes it takes ((C, H, W), (L,), (C, L), (F,),
+    (C, D, H, W), or a flat vector it reshapes itself), not a guess from its first layer."""
+    device, dtype = model_device_dtype(model)
+    x = data.take(torch.arange(min(PROBE_SAMPLES, len(data))))[0].to(device=device, dtype=dtype)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            run_model(model, x)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _caused_by_resources(e: BaseException) -> bool:
+    """Out of memory and friends: not the data's fault, so never reported as a data error."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(e, oom)) or "out of memory" in str(e).lower()
 
 
 def run_model(model: nn.Module, x: torch.Tensor):
-    """``model(x)``, turning a shape error on user data into one DataError line."""
+    """``model(x)``, turning an error the data caused (a shape, dtype or index error raised while
+    running on it) into one DataError line; anything else (out of memory, ...) propagates."""
     try:
         return model(x)
     except (RuntimeError, ValueError, IndexError) as e:
+        if _caused_by_resources(e):
+            raise
         raise DataError(f"the model cannot run on data batches of shape {tuple(x.shape)}: {first_line(e)}") from None

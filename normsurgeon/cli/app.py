@@ -18,8 +18,8 @@ app = typer.Typer(
 )
 
 # one module per verb; each defines register(app)
-COMMANDS = ("inspect", "convert", "fold", "equalize", "recalibrate", "evaluate", "export", "bench", "diagnose",
-            "recipes")
+COMMANDS = ("inspect", "convert", "distill", "fold", "equalize", "recalibrate", "evaluate", "export", "bench",
+            "diagnose", "recipes")
 
 
 def _print_version(value: bool) -> None:

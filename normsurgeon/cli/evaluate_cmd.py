@@ -23,6 +23,8 @@ def register(app: typer.Typer) -> None:
         image_size: Optional[int] = typer.Option(None, "--image-size", help="Image folders: resize and crop to this (default 224)."),
         mean: Optional[str] = typer.Option(None, "--mean", help="Image folders: per-channel mean (default ImageNet's)."),
         std: Optional[str] = typer.Option(None, "--std", help="Image folders: per-channel std (default ImageNet's)."),
+        teacher: Optional[str] = typer.Option(None, "--teacher", help="Also report top-1 agreement with this "
+                                              "model and the mean output difference (e.g. after distill)."),
         weights: Optional[str] = common.weights_opt(),
         trust_pickle: bool = common.trust_opt(),
         trust_code: bool = common.trust_code_opt(),
@@ -41,12 +43,13 @@ def register(app: typer.Typer) -> None:
 
         with distributed.process_group() as (rank, world):
             m = common.load(model, weights, trust_pickle, trust_code)
+            t = common.load(teacher, None, trust_pickle, trust_code) if teacher is not None else None
             dataset = load_data(data, image_size=image_size, mean=mean_t, std=std_t)
             total = len(dataset) if samples is None else min(samples, len(dataset))
             bar, advance = progress_bar(-(-total // world), "evaluating")
             with bar if rank == 0 else _null():
                 report = evaluate(m, dataset, noise=noise, noise_seed=noise_seed, batch_size=batch_size,
-                                  samples=samples, progress=advance if rank == 0 else None)
+                                  samples=samples, progress=advance if rank == 0 else None, teacher=t)
             if rank != 0:
                 return
         if as_json:
@@ -55,9 +58,11 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         table = Table(title=f"evaluate {model}")
-        for col in ("data", "samples", "accuracy", "loss", "noise"):
+        cols = ["data", "samples", "accuracy", "loss", "noise"] + (["agreement", "output diff"] if t is not None else [])
+        for col in cols:
             table.add_column(col)
         noise_text = f"{report['noise']} (seed {report['noise_seed']})" if report["noise"] else "none"
+        extra = [f"{report['agreement']:.4f}", f"{report['output_diff']:.4g}"] if t is not None else []
         table.add_row(report["data"], str(report["samples"]), f"{report['accuracy']:.4f}", f"{report['loss']:.4f}",
-                      noise_text)
+                      noise_text, *extra)
         common.console().print(table)

@@ -7,7 +7,8 @@ import typer
 
 from normsurgeon.cli import common
 
-DATA_HELP = ("A .npz/.pt file with x (N,C,H,W) and optional y (N,), an ImageFolder directory, or "
+DATA_HELP = ("A .npz/.pt file with x (N, ...: any per-sample shape the model takes) and optional y (N,), an "
+             "ImageFolder directory, or "
              "digits / digits:train / digits:test (scikit-learn's bundled digits, 16x16).")
 
 

@@ -1,0 +1,143 @@
+"""Data-free inputs (``--data inversion:N``): synthesize N inputs from the teacher alone.
+
+DeepInversion (Yin et al., CVPR 2020) / ZeroQ (Cai et al., CVPR 2020): a trained BN network records
+in each BN layer the per-channel mean and variance its input had over the training data. Starting
+from Gaussian noise, inputs are optimized (Adam, cosine-decayed step) so that every teacher BN
+layer's *batch* statistics of its input match its running statistics:
+
+    L = sum_l ( ||mu_l(x) - running_mean_l||_2 + ||var_l(x) - running_var_l||_2 )
+        + ce * CrossEntropy(teacher(x), targets) + tv * TV(x) + l2 * mean(x^2)
+
+``targets`` are classes drawn uniformly (seeded) when the teacher returns (N, classes) logits, so the
+batch covers the classes (DeepInversion's cross-entropy term; ``ce=0`` gives ZeroQ's statistics-only
+loss); ``TV`` is the mean squared difference between neighbouring values along every axis after the
+channel axis (a smoothness prior). Inputs are made in batches of ``batch_size`` (batch statistics
+need a batch); the teacher is in eval mode and unchanged.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normsurgeon.distillation import outputs
+from normsurgeon.errors import DataError
+from normsurgeon.graph.modules import is_batchnorm
+
+PREFIX = "inversion"
+DEFAULTS = {"iterations": 300, "batch_size": 128, "lr": 0.1, "ce": 1.0, "tv": 1e-3, "l2": 1e-4}
+
+
+def parse(spec) -> int | None:
+    """N for an ``inversion:N`` spec; None for any other DATA."""
+    if not isinstance(spec, str) or not spec.strip().startswith(PREFIX):
+        return None
+    _, sep, n = spec.strip().partition(":")
+    if not sep or not n.isdigit() or int(n) < 1:
+        raise DataError(f"bad DATA {spec!r}: write inversion:N with N the number of inputs to synthesize, "
+                        "e.g. inversion:2048")
+    return int(n)
+
+
+def sample_shape(teacher: nn.Module, input_shape) -> tuple[int, ...]:
+    """Per-sample input shape: ``input_shape`` N,C,... as every verb's --input-shape (N is ignored:
+    ``inversion:N`` sets the count) or the model's own config (timm's ``input_size``)."""
+    if input_shape:
+        shape = tuple(int(v) for v in input_shape)
+        if len(shape) < 2 or any(v < 1 for v in shape):
+            raise DataError(f"bad --input-shape {input_shape!r}: write N,C,H,W (N is ignored), e.g. 1,3,224,224")
+        return shape[1:]
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(teacher, attr, None)
+        if isinstance(cfg, dict) and cfg.get("input_size"):
+            return tuple(int(v) for v in cfg["input_size"])
+    raise DataError("inversion needs the input shape: pass --input-shape N,C,H,W (e.g. 1,3,224,224)")
+
+
+def bn_layers(teacher: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in teacher.named_modules()
+            if is_batchnorm(m) and m.running_mean is not None and m.running_var is not None]
+
+
+class BNStatLoss:
+    """Hooks on the teacher's BN layers adding up the distance of batch to running statistics."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        self.layers = bn_layers(teacher)
+        self.terms: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._hook) for _, m in self.layers]
+
+    def _hook(self, m, inp, _out):
+        x = inp[0]
+        dims = [d for d in range(x.dim()) if d != 1]
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        self.terms.append(torch.linalg.vector_norm(mean - m.running_mean) +
+                          torch.linalg.vector_norm(var - m.running_var))
+
+    def take(self) -> torch.Tensor:
+        total = torch.stack(self.terms).sum()
+        self.terms = []
+        return total
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def tv(x: torch.Tensor) -> torch.Tensor:
+    parts = [x.diff(dim=d).pow(2).mean() for d in range(2, x.dim()) if x.shape[d] > 1]
+    return torch.stack(parts).sum() if parts else x.new_zeros(())
+
+
+def synthesize(teacher: nn.Module, n: int, shape: tuple[int, ...], *, seed: int = 0, device="cpu",
+               dtype=torch.float32, iterations: int = DEFAULTS["iterations"], batch_size: int = DEFAULTS["batch_size"],
+               lr: float = DEFAULTS["lr"], ce: float = DEFAULTS["ce"], tv_weight: float = DEFAULTS["tv"],
+               l2: float = DEFAULTS["l2"], history: list | None = None) -> torch.Tensor:
+    """N synthesized inputs of per-sample ``shape`` (detached, on CPU). ``history``, if given, gets
+    the BN-statistics loss of each batch at the first and the last iteration."""
+    if not bn_layers(teacher):
+        raise DataError("inversion needs a teacher with BatchNorm running statistics; this teacher has none: "
+                        "pass real inputs as DATA")
+    modes = [(m, m.training) for m in teacher.modules()]
+    grads = [(p, p.requires_grad) for p in teacher.parameters()]
+    teacher.eval()
+    for p, _ in grads:
+        p.requires_grad_(False)
+    stats = BNStatLoss(teacher)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    try:
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            x = torch.randn((b, *shape), generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=lr)
+            targets = None
+            first_loss = last_loss = None
+            for it in range(iterations):
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * it / iterations))
+                t_out = teacher(x)
+                bn_loss = stats.take()
+                loss = bn_loss + tv_weight * tv(x) + l2 * x.pow(2).mean()
+                logits = outputs.tensors(t_out)[0]
+                if ce > 0 and logits.dim() == 2:
+                    if targets is None:
+                        targets = torch.randint(logits.shape[1], (b,), generator=g).to(logits.device)
+                    loss = loss + ce * F.cross_entropy(logits, targets)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                first_loss = float(bn_loss.detach()) if first_loss is None else first_loss
+                last_loss = float(bn_loss.detach())
+            if history is not None:
+                history.append((first_loss, last_loss))
+            out.append(x.detach().cpu())
+    finally:
+        stats.close()
+        for m, training in modes:
+            m.training = training
+        for p, req in grads:
+            p.requires_grad_(req)
+    return torch.cat(out)
