@@ -45,9 +45,11 @@ _API = {
     **{name: "normsurgeon.errors" for name in (
         "ModelSpecError", "ProbeError", "ManifestError", "UntrustedCodeError", "UntrustedPickleError", "RecipeError",
         "PatternError", "TraceError", "OutputExistsError", "DataError", "VerificationError", "ExportError",
-        "NothingToRecalibrateError", "NoNormLayersError", "NoiseSpecError", "DependencyError", "EnvironmentProblem")},
+        "NothingToRecalibrateError", "NoNormLayersError", "NoiseSpecError", "DependencyError", "EnvironmentProblem",
+        "DistillError", "InterruptedRun")},
     "Change": "normsurgeon.report",
     "SurgeryResult": "normsurgeon.report",
+    "EvaluateResult": "normsurgeon.calibrate.evaluate",
     "CrossIterationBatchNorm": "normsurgeon.layers",
     "BatchKalmanNorm": "normsurgeon.layers",
     "InstanceEnhancedBatchNorm": "normsurgeon.layers",

@@ -19,8 +19,17 @@ from normsurgeon.calibrate.distributed import all_reduce_sum, rank_world
 from normsurgeon.calibrate.noise import WeightNoise, check_seed, fixed_stream, parse_noise
 from normsurgeon.calibrate.plan import check_fits, make_plan, model_device_dtype, run_model
 from normsurgeon.errors import DataError
+from normsurgeon.report import Reported
 
 DEFAULT_EVAL_BATCH = 256
+
+
+class EvaluateResult(dict, Reported):
+    """evaluate's figures: a dict (``result["accuracy"]``), with ``report`` and ``to_json()`` like every
+    verb's result."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self)
 
 
 def evaluate(
@@ -94,11 +103,11 @@ def evaluate(
     correct, loss_sum = int(round(float(totals[0]))), float(totals[1])
     n = plan.samples
     extra = {} if teacher is None else {"agreement": float(totals[2]) / n, "output_diff": float(totals[3]) / n}
-    return {**extra,
+    return EvaluateResult({**extra,
         "accuracy": correct / n, "loss": loss_sum / n, "samples": n, "correct": correct,
         "noise": None if spec is None else str(spec), "noise_seed": noise_seed if spec is not None else None,
         "data": dataset.name,
-    }
+    })
 
 
 def _logits(out, n: int) -> torch.Tensor:

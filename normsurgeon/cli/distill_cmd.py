@@ -48,22 +48,29 @@ def register(app: typer.Typer) -> None:
         weights: Optional[str] = common.weights_opt(),
         teacher_weights: Optional[str] = typer.Option(None, "--teacher-weights", help="A state_dict for the teacher."),
         trust_pickle: bool = common.trust_opt(),
+        trust_code: bool = common.trust_code_opt(),
         force: bool = common.force_opt(),
         as_json: bool = common.json_opt(),
+        verbose: bool = common.verbose_opt(),
     ) -> None:
         """Train a batch-independent STUDENT to reproduce a BN TEACHER's outputs (label-free distillation)."""
+        from normsurgeon import preflight
+        from normsurgeon.publish import check_output
+
+        preflight.model_spec(student)
+        preflight.model_spec(teacher)
+        preflight.data_spec(data)
+        shape = preflight.shape(input_shape)
+        check_output(output, force)  # every check above runs before torch is imported
         from normsurgeon.calibrate import distributed
         from normsurgeon.distillation import checkpoint
         from normsurgeon.distillation.api import distill
-        from normsurgeon.graph.probe import parse_shape
-        from normsurgeon.model_io import check_output, save_model
+        from normsurgeon.model_io import save_model
 
-        shape = parse_shape(input_shape)
-        check_output(output, force)
         ckpt = checkpoint.path_for(output)
         with distributed.process_group() as (rank, world):
-            s = common.load(student, weights, trust_pickle)
-            t = common.load(teacher, teacher_weights, trust_pickle)
+            s = common.load(student, weights, trust_pickle, trust_code)
+            t = common.load(teacher, teacher_weights, trust_pickle, trust_code)
             bar, advance = progress_bar(steps, 0) if rank == 0 else (_null(), None)
             with bar:
                 result = distill(s, t, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
@@ -75,29 +82,34 @@ def register(app: typer.Typer) -> None:
             checkpoint.remove(ckpt)
         report = dict(result.report, output=str(path))
         if as_json:
-            common.print_json(report)
+            common.print_json(report, "distill")
             return
-        render(report)
+        render(report, verbose)
 
 
-def render(report: dict) -> None:
+def render(report: dict, verbose: bool = False) -> None:
+    """One summary line per figure; the per-stage table under ``--verbose``."""
     from rich.table import Table
 
     def pct(v):
-        return "-" if v is None else f"{100 * v:.2f}%"
+        return "-" if v is None else f"{100 * v:.1f}%"
 
-    table = Table(title=f"distill on {report['data']} ({report['steps']} steps, batch {report['batch_size']}, "
-                        f"{report['seconds']:.1f} s)")
-    for col in ("stage", "loss start", "loss end", "agreement start", "agreement end", "accuracy start",
-                "accuracy end", "seconds"):
-        table.add_column(col)
-    for st in report["stages"]:
-        table.add_row(st["name"], f"{st['loss_start']:.4g}", f"{st['loss_end']:.4g}", pct(st["agreement_start"]),
-                      pct(st["agreement_end"]), pct(st["accuracy_start"]), pct(st["accuracy_end"]),
-                      f"{st['seconds']:.1f}")
     out = common.console()
-    out.print(table)
-    if report["teacher_accuracy"] is not None:
-        out.print(f"teacher accuracy: {pct(report['teacher_accuracy'])} (on the first {report['eval_samples']} "
-                  "samples of DATA)")
-    out.print(f"output: {report['output']}")
+    if verbose:
+        table = Table(title="stages", expand=True, width=min(out.width, 120))
+        for col in ("stage", "loss", "agreement", "accuracy", "s"):
+            table.add_column(col, no_wrap=True)
+        for st in report["stages"]:
+            table.add_row(st["name"], f"{st['loss_start']:.3g} -> {st['loss_end']:.3g}",
+                          f"{pct(st['agreement_start'])} -> {pct(st['agreement_end'])}",
+                          f"{pct(st['accuracy_start'])} -> {pct(st['accuracy_end'])}", f"{st['seconds']:.0f}")
+        out.print(table)
+    b, a = report["before"], report["after"]
+    out.print(f"[bold]distill[/]: {report['steps']} steps of batch {report['batch_size']} on {report['data']} in "
+              f"{report['seconds']:.0f} s" + ("" if verbose else " [dim](--verbose shows each stage)[/]"))
+    out.print(f"agreement with the teacher: {pct(b['agreement'])} -> [bold]{pct(a['agreement'])}[/] (on the first "
+              f"{report['eval_samples']} samples of DATA)")
+    if a["accuracy"] is not None:
+        out.print(f"accuracy: {pct(b['accuracy'])} -> [bold]{pct(a['accuracy'])}[/] "
+                  f"(teacher {pct(report['teacher_accuracy'])})")
+    out.print(f"output: {common.escape(report['output'])}")

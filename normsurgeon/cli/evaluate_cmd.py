@@ -34,6 +34,8 @@ def register(app: typer.Typer) -> None:
         from normsurgeon import preflight
 
         preflight.model_spec(model)
+        if teacher is not None:
+            preflight.model_spec(teacher)
         preflight.data_spec(data)
         preflight.noise(noise)
         mean_t, std_t = floats(mean, "--mean"), floats(std, "--std")  # all before torch is imported

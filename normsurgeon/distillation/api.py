@@ -46,8 +46,11 @@ class DistillResult:
     model: nn.Module
     report: dict[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.report)
+    def to_json(self, indent: int | None = 2) -> str:
+        """The report as JSON text (``report`` is the JSON-ready dict)."""
+        import json
+
+        return json.dumps(self.report, indent=indent, default=str)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
