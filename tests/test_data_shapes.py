@@ -33,8 +33,8 @@ def test_flat_data_for_a_model_that_reshapes_it(tmp_path):
     r = run_cli("recalibrate", "flatnet:flat_digits", "--data", "flat.npz", "-o", str(out), "--batch-size", "16",
                 "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["samples"] == 64
-    e = run_cli("evaluate", str(out), "--data", "flat.npz", "--json", cwd=tmp_path)
+    assert json.loads(r.stdout)["info"]["samples"] == 64
+    e = run_cli("evaluate", str(out), "--data", "flat.npz", "--json", "--trust-code", cwd=tmp_path)
     assert e.returncode == 0, e.stderr
     assert json.loads(e.stdout)["samples"] == 64
     # the same data with a feature count the model cannot reshape: one line quoting the model's reason

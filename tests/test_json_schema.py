@@ -18,6 +18,8 @@ FIELDS = {
                "checker", "bytes", "seconds", "verification"},
     "bench": {"provider", "precision", "input_shape", "rows", "ratios", "environment", "notes"},
     "diagnose": {"model", "data", "samples", "thresholds", "summary", "layers"},
+    "distill": {"output", "steps", "seconds", "stages", "before", "after", "teacher_accuracy"},
+    "recipes": {"recipes"},
 }
 
 
@@ -49,6 +51,9 @@ def outputs(tmp_path_factory):
         "export": ["export", str(w / "f.pt"), "-o", str(w / "f.onnx"), "--verify"],
         "bench": ["bench", str(w / "f.onnx"), "--runs", "2", "--warmup", "0", "--batch-size", "1", "--no-torch"],
         "diagnose": ["diagnose", MODEL, "--data", "digits:test", "--samples", "32"],
+        "distill": ["distill", str(w / "c.pt"), "--teacher", MODEL, "--data", "digits:test", "--steps", "3",
+                    "--batch-size", "32", "-o", str(w / "d.pt")],
+        "recipes": ["recipes"],
     }
     got = {}
     for verb, argv in runs.items():

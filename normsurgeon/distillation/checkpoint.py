@@ -31,14 +31,14 @@ def path_for(output: str | os.PathLike) -> Path:
 
 
 def save(path: Path, *, step: int, config: dict, student: torch.nn.Module, optimizer, record: dict) -> None:
-    from normsurgeon.model_io import _atomic
+    from normsurgeon.publish import publish
 
     payload = {
         "format": FORMAT, "version": VERSION, "step": int(step), "config": dict(config),
         "student": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
         "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "record": record,
     }
-    _atomic(Path(path), lambda tmp: torch.save(payload, tmp))
+    publish(Path(path), lambda tmp: torch.save(payload, tmp), force=True)  # replaces the previous checkpoint
 
 
 def load(path: Path, config: dict) -> dict[str, Any]:
