@@ -154,13 +154,14 @@ def check_traced(gm: fx.GraphModule, reference, x, rtol: float = 1e-5) -> str | 
     at run time (MONAI's BasicUNet) or compute something else than eager (a branch on a traced value)."""
     import torch
 
+    from normsurgeon.graph.inputs import call
     from normsurgeon.graph.verify import output_error
 
     was = gm.training
     gm.eval()
     try:
         with torch.no_grad():
-            got = gm(x)
+            got = call(gm, x)
     except Exception as e:  # noqa: BLE001 - any failure means: take the module-swap path
         return f"the traced graph fails on the probe input ({_describe(e)})"
     finally:
