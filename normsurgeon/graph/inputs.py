@@ -133,6 +133,18 @@ def positional(gm, x) -> tuple:
     return tuple(out)
 
 
+def supplied_names(model, x) -> list[str]:
+    """The forward's parameter names that example inputs ``x`` give a value to."""
+    if not isinstance(x, Inputs):
+        return []
+    import inspect
+
+    try:
+        return list(inspect.signature(model.forward).bind_partial(*x.args, **x.kwargs).arguments)
+    except (TypeError, ValueError):
+        return []
+
+
 def describe(x) -> str:
     """The probe for messages: example inputs by name, shape and dtype; a tensor by its shape."""
     if isinstance(x, Inputs):

@@ -49,13 +49,18 @@ class TraceResult:
         return self.graph_module is not None
 
 
-def try_trace(model: nn.Module) -> TraceResult:
+def try_trace(model: nn.Module, x=None) -> TraceResult:
     """Symbolically trace ``model`` (norm layers as leaves). Never raises on tracing failures.
 
     A GraphModule is traced again too: containers that earlier passes put in (NormAct, BCN's
-    Sequential) then show up as their parts."""
+    Sequential) then show up as their parts. Arguments the probe ``x`` supplies (example inputs such
+    as ``mask=``) stay inputs of the graph, even when they have a default."""
     tracer = NormTracer()
     concrete = concrete_defaults(model)
+    from normsurgeon.graph.inputs import supplied_names
+
+    for name in supplied_names(model, x):
+        concrete.pop(name, None)
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:  # noqa: BLE001 - any failure here means "not traceable", reported

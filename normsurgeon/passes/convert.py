@@ -77,7 +77,7 @@ def convert(
     x, eager = run_probe(model, x)  # the model must run on the probe: else the shape is the user's to fix
     shape = input_shape_of(x)
 
-    traced = try_trace(copy.deepcopy(model))
+    traced = try_trace(copy.deepcopy(model), x)
     changes: list[Change] = []
     fx_error, uses = f"torch.fx cannot trace: {traced.error}", None
     if traced.ok and (problem := check_traced(traced.graph_module, eager, x)) is not None:

@@ -196,7 +196,7 @@ def _classify(user: fx.Node, src: fx.Node, modules: dict) -> str:
 
 def build_plan(model: nn.Module, x: torch.Tensor) -> Plan:
     """Trace ``model`` (not modified; its train/eval state is restored) and list balanceable pairs."""
-    traced = try_trace(model)
+    traced = try_trace(model, x)
     if not traced.ok:
         raise TraceError(f"equalize needs a torch.fx-traceable model: {traced.error}")
     gm = traced.graph_module

@@ -65,7 +65,7 @@ def fold(
     changes: list[Change] = []
     _standardize(new, changes, keep)
     before = _as_leaves(new, keep, changes)
-    traced = try_trace(new)
+    traced = try_trace(new, x)
     fx_error = f"torch.fx cannot trace: {traced.error}"
     path = "module-swap"
     if traced.ok:

@@ -66,7 +66,7 @@ def inspect(model: nn.Module, to: str = "gn+ws", input_shape=None, example_input
     x, eager = run_probe(model, x)
     shape = input_shape_of(x)
     types = norm_types()
-    traced = try_trace(model)
+    traced = try_trace(model, x)
     problem = check_traced(traced.graph_module, eager, x) if traced.ok else traced.error
     uses = observe(model, x, types)
     rep = InspectReport(
