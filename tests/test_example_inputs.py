@@ -205,7 +205,7 @@ def test_export_refuses_both_and_writes_nothing(tmp_path):
 def test_wrong_example_inputs_is_a_user_error():
     from normsurgeon.errors import ProbeError
 
-    model, image, mask = _image_mask()
+    model, image, _ = _image_mask()
     with pytest.raises(ProbeError, match="example inputs"):
         ns.fold(model, example_inputs=image)  # mask missing
     with pytest.raises(ModelSpecError, match="tensor"):

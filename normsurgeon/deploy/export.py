@@ -125,7 +125,8 @@ def export_onnx(
             from normsurgeon.passes.fold import fold as fold_pass
 
             t = time.perf_counter()
-            res = fold_pass(model, keep=keep, **({"example_inputs": ex} if ex is not None else {"input_shape": shape}))
+            probe = {"example_inputs": ex} if ex is not None else {"input_shape": shape}
+            res = fold_pass(model, keep=keep, **probe)
             model = res.model
             seconds["fold"] = time.perf_counter() - t
             report.fold = {"path": res.path, "summary": res.summary(),

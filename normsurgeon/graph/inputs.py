@@ -38,7 +38,7 @@ class Inputs:
         return ", ".join(f"{n} {'x'.join(map(str, t.shape))} {str(t.dtype).replace('torch.', '')}"
                          for n, t in self.named())
 
-    def map(self, fn) -> "Inputs":
+    def map(self, fn) -> Inputs:
         return Inputs(tuple(fn(t) for t in self.args), {k: fn(t) for k, t in self.kwargs.items()})
 
 
