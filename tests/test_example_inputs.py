@@ -230,3 +230,24 @@ def test_keyword_with_default_stays_an_input_of_the_traced_graph():
     with torch.no_grad():
         assert _rel(model(image, mask), res.model(image, mask=mask)) < 1e-5
         assert _rel(model(image, 1 - mask), res.model(image, mask=1 - mask)) < 1e-5
+
+
+def test_float64_rechecks_keep_token_ids_integer():
+    """fold's and convert's float64 rechecks (run when float32 misses 1e-5) cast floats only: the
+    embedding still gets int64 ids and the float64 comparison is made (not skipped as unrunnable)."""
+    from normsurgeon.graph.inputs import from_example
+    from normsurgeon.passes import convert as convert_mod
+    from normsurgeon.passes import fold as fold_mod
+    from normsurgeon.report import Verification
+
+    tok, ids = _tokens()
+    x = from_example(ids, tok)
+    folded = ns.fold(tok, example_inputs=ids).model
+    seen = []
+    tok.emb.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+    ver, info = fold_mod._recheck_float64(tok, folded, x, Verification(1e-3, 1e-3, tolerance=1e-5))
+    assert info["float64_max_rel_error"] < 1e-9 and ver.tolerance > 1e-5
+    frozen = ns.convert(tok, "frozen", example_inputs=ids).model
+    ver = convert_mod._recheck_float64(tok, frozen, x, Verification(1e-3, 1e-3, tolerance=1e-5))
+    assert ver.note and "exact in float64" in ver.note
+    assert seen and all(d == torch.int64 for d in seen)
