@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normsurgeon.errors import ExportError, VerificationError, first_line
+from normsurgeon.errors import ExportError, ModelSpecError, VerificationError, first_line
 from normsurgeon.report import Reported
 
 EXTERNAL_DATA_BYTES = 1536 << 20  # above this the weights go to PATH.data (protobuf's limit is 2 GiB)
@@ -66,6 +66,7 @@ def export_onnx(
     path: str | os.PathLike,
     *,
     input_shape: tuple[int, ...] | list[int] | None = None,
+    example_inputs=None,
     opset: int = 20,
     dynamic_batch: bool = True,
     fp16: bool = False,
@@ -90,10 +91,14 @@ def export_onnx(
     nchw (4-D form that keeps ORT CPU's NCHWc conv layout, deploy/gn_forms.py; slower on ResNet-50).
     ``verify``: raise VerificationError when ONNX Runtime (CPU) differs from PyTorch by more than 1e-4
     (fp32) / 1e-2 (fp16) relative; the measured errors are in the report either way.
+    ``example_inputs``: a tensor, tuple or dict of tensors to export with instead of a random
+    ``input_shape`` probe; the ONNX inputs are then named ``input_0``.. (or by dict key; a single
+    tensor keeps ``input``), integer inputs stay integer, and verification feeds every input.
     """
     import torch
 
     from normsurgeon.deploy import onnx_opt
+    from normsurgeon.graph.inputs import call, from_example
     from normsurgeon.graph.probe import input_shape_and_source, probe_input
     from normsurgeon.publish import check_output, move_into_place, temp_path
 
@@ -103,17 +108,25 @@ def export_onnx(
         out = check_output(path, force, kind="onnx")
         exporter, notes = check_options(opset, exporter, channel_affine, groupnorm)
         original = model.eval()
-        shape, shape_from = input_shape_and_source(model, input_shape, batch=1)
+        ex = None
+        if example_inputs is not None:
+            if input_shape:
+                raise ModelSpecError("give either input_shape or example_inputs, not both")
+            ex = from_example(example_inputs, model)
+            shape, shape_from = ex.shape, "example inputs"
+        else:
+            shape, shape_from = input_shape_and_source(model, input_shape, batch=1)
         seconds: dict[str, float] = {}
         report = ExportReport(path=str(out), data_path=None, exporter=exporter, opset=int(opset),
                               input_shape=list(shape), dynamic_batch=dynamic_batch, fp16=fp16, folded=fold,
                               channel_affine=channel_affine, notes=notes, input_shape_from=shape_from)
-        _refuse_unexportable(model, shape)
+        _refuse_unexportable(model, ex if ex is not None else probe_input(model, shape))
         if fold:
             from normsurgeon.passes.fold import fold as fold_pass
 
             t = time.perf_counter()
-            res = fold_pass(model, input_shape=shape, keep=keep)
+            probe = {"example_inputs": ex} if ex is not None else {"input_shape": shape}
+            res = fold_pass(model, keep=keep, **probe)
             model = res.model
             seconds["fold"] = time.perf_counter() - t
             report.fold = {"path": res.path, "summary": res.summary(),
@@ -121,9 +134,9 @@ def export_onnx(
             if res.verification is not None and not res.verification.ok:
                 report.notes.append(f"fold changed outputs by {res.verification.max_rel_error:.1e} relative")
         model = model.eval()
-        x = probe_input(model, shape)
+        x = ex if ex is not None else probe_input(model, shape)
         with torch.no_grad():
-            n_out = len(_flatten(model(x)))
+            n_out = len(_flatten(call(model, x)))
         out_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
 
         t = time.perf_counter()
@@ -163,7 +176,7 @@ def export_onnx(
             seconds["check"] = time.perf_counter() - t
             if verify:
                 t = time.perf_counter()
-                report.verification = _verify(original, tmp, shape, dynamic_batch, fp16)
+                report.verification = _verify(original, tmp, shape, dynamic_batch, fp16, ex)
                 seconds["verify"] = time.perf_counter() - t
                 if report.verification.get("problem"):
                     raise VerificationError(f"{report.verification['problem']}; nothing written")
@@ -191,13 +204,13 @@ def export_onnx(
         caller.train(was_training)
 
 
-def _refuse_unexportable(model, shape) -> None:
+def _refuse_unexportable(model, probe) -> None:
     """Stop before any work, with one reason, on models whose outputs ONNX cannot describe: a model
     that fails on the probe is the input shape's fault (ProbeError); a detection model (a per-image
     list of dicts whose box count depends on the data, decided by Python loops and NMS) is refused."""
-    from normsurgeon.graph.probe import probe_input, run_probe
+    from normsurgeon.graph.probe import run_probe
 
-    x, out = run_probe(model, probe_input(model, shape))
+    x, out = run_probe(model, probe)
     if isinstance(x, list) or (isinstance(out, (list, tuple)) and out and all(isinstance(o, dict) for o in out)):
         raise ExportError(
             f"cannot export {type(model).__name__}: it returns one dict of detections per image, whose sizes "
@@ -319,13 +332,36 @@ def _silence_fds():
             os.close(fd)
 
 
+def _onnx_inputs(model, x):
+    """(args, kwargs, input names, names whose first axis is the batch) for torch.onnx.export."""
+    from normsurgeon.graph.inputs import Inputs
+
+    if not isinstance(x, Inputs):
+        return (x,), {}, ["input"], ["input"]
+    named = [("input", x.args[0])] if len(x.args) == 1 and not x.kwargs else x.named()
+    batched = [n for n, t in named if t.dim() and t.shape[0] == x.batch]
+    return tuple(x.args), dict(x.kwargs), [n for n, _ in named], batched
+
+
 def _dynamo(model, x, opset, dynamic_batch, out_names):
+    import inspect
+
     import torch
 
-    dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    args, kwargs, names, batched = _onnx_inputs(model, x)
+    dyn = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        if kwargs or len(args) > 1:  # by the forward's parameter names
+            bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+            by_name = dict(zip(names, bound))  # names follow args then kwargs, as bound does
+            dyn = {p: ({0: batch} if n in batched else None) for n, p in by_name.items()}
+        else:
+            dyn = ({0: batch},)
     with _quiet():
-        prog = torch.onnx.export(model, (x,), None, dynamo=True, opset_version=opset, input_names=["input"],
-                                 output_names=out_names, dynamic_shapes=dyn, optimize=True, verbose=False)
+        prog = torch.onnx.export(model, args, None, kwargs=kwargs or None, dynamo=True, opset_version=opset,
+                                 input_names=names, output_names=out_names, dynamic_shapes=dyn, optimize=True,
+                                 verbose=False)
     return prog.model_proto
 
 
@@ -333,11 +369,12 @@ def _torchscript(model, x, opset, dynamic_batch, out_names):
     import onnx
     import torch
 
-    axes = {n: {0: "batch"} for n in ["input", *out_names]} if dynamic_batch else None
+    args, kwargs, names, batched = _onnx_inputs(model, x)
+    axes = {n: {0: "batch"} for n in [*batched, *out_names]} if dynamic_batch else None
     with tempfile.TemporaryDirectory() as d, _quiet():
         p = os.path.join(d, "model.onnx")
-        torch.onnx.export(model, (x,), p, dynamo=False, opset_version=opset, input_names=["input"],
-                          output_names=out_names, dynamic_axes=axes, do_constant_folding=True)
+        torch.onnx.export(model, args, p, kwargs=kwargs or None, dynamo=False, opset_version=opset,
+                          input_names=names, output_names=out_names, dynamic_axes=axes, do_constant_folding=True)
         proto = onnx.load(p)
     if proto.ir_version < 4:  # opset 7-8 come as IR 3, where every weight is also a graph input
         proto.ir_version = 4
@@ -370,11 +407,13 @@ def _to_fp16(proto):
     return proto
 
 
-def _verify(model, onnx_path: Path, shape, dynamic_batch: bool, fp16: bool) -> dict[str, Any]:
-    """ONNX Runtime (CPU EP) against the PyTorch model on fresh random inputs."""
+def _verify(model, onnx_path: Path, shape, dynamic_batch: bool, fp16: bool, ex=None) -> dict[str, Any]:
+    """ONNX Runtime (CPU EP) against the PyTorch model on fresh random inputs (on the example inputs,
+    and those with sample 0 appended for the dynamic batch, when given)."""
     import torch
 
     from normsurgeon.deploy import ort
+    from normsurgeon.graph.inputs import call
     from normsurgeon.graph.probe import probe_input
     from normsurgeon.graph.verify import uninformative
 
@@ -383,13 +422,13 @@ def _verify(model, onnx_path: Path, shape, dynamic_batch: bool, fp16: bool) -> d
     per_output: list[dict] = []
     problem = None
     for s in shapes:
-        x = probe_input(model, s, seed=1)
+        x = probe_input(model, s, seed=1) if ex is None else _grown(ex, s[0])
         with torch.no_grad():
-            refs = [r.double() for r in _flatten(model(x))]
+            refs = [r.double() for r in _flatten(call(model, x))]
         why = uninformative(refs)
         if why is not None and problem is None:  # ONNX Runtime gives outputs only: nothing else to compare
             problem = f"cannot verify the ONNX graph: the model's output on the probe {why}"
-        got = [torch.from_numpy(o).double() for o in ort.run(sess, x)]
+        got = [torch.from_numpy(o).double() for o in (ort.run(sess, x) if ex is None else _run_all(sess, model, x))]
         if len(got) != len(refs):
             raise VerificationError(f"the ONNX graph has {len(got)} outputs, PyTorch {len(refs)}")
         for i, (r, g) in enumerate(zip(refs, got)):
@@ -409,3 +448,32 @@ def _verify(model, onnx_path: Path, shape, dynamic_batch: bool, fp16: bool) -> d
     worst = max(per_output, key=lambda d: d["max_rel_error"])
     return {"provider": "cpu", "tolerance": tol, "max_abs_error": max(d["max_abs_error"] for d in per_output),
             "max_rel_error": worst["max_rel_error"], "ok": worst["max_rel_error"] <= tol, "outputs": per_output}
+
+
+def _grown(ex, batch: int):
+    """Example inputs at ``batch`` samples: sample 0 appended to every batched input as needed."""
+    n = ex.batch
+    if batch == n:
+        return ex
+    return ex.map(lambda t: _cat_first(t, batch - n) if t.dim() and t.shape[0] == n else t)
+
+
+def _cat_first(t, extra: int):
+    import torch
+
+    return torch.cat([t, t[:1].expand(extra, *t.shape[1:])], 0)
+
+
+def _run_all(sess, model, x) -> list:
+    """ONNX Runtime on every example input, fed by name (floats as float32, integers as they are)."""
+    import numpy as np
+
+    _, _, names, _ = _onnx_inputs(model, x)
+    tensors = dict(zip(names, [t for _, t in x.named()]))
+    feed = {}
+    for inp in sess.get_inputs():
+        if inp.name not in tensors:
+            raise VerificationError(f"the ONNX graph takes an input {inp.name!r} the example inputs do not name")
+        arr = tensors[inp.name].detach().cpu().numpy()
+        feed[inp.name] = arr.astype(np.float32) if np.issubdtype(arr.dtype, np.floating) else arr
+    return sess.run(None, feed)

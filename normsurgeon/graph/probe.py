@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from normsurgeon.errors import ModelSpecError, ProbeError
+from normsurgeon.graph.inputs import Inputs, call, describe, input_shape_of, map_input  # noqa: F401 - re-exported
 
 
 def _first_line(e: BaseException) -> str:
@@ -76,20 +77,6 @@ def probe_input(model: nn.Module, shape: tuple[int, ...] | None = None, seed: in
     return torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
-def map_input(x, fn):
-    """``fn`` applied to the probe input: a tensor, or each image of a list (detection models)."""
-    if isinstance(x, (list, tuple)):
-        return [fn(t) for t in x]
-    return fn(x)
-
-
-def input_shape_of(x) -> tuple[int, ...]:
-    """The probe's shape as N,C,... (a list of same-sized images counts as a batch)."""
-    if isinstance(x, (list, tuple)):
-        return (len(x), *x[0].shape)
-    return tuple(x.shape)
-
-
 def first_layer_hint(model: nn.Module) -> str:
     """What input the model's first layer takes, as --input-shape examples (for error messages)."""
     for name, m in model.named_modules():
@@ -122,7 +109,7 @@ def run_probe(model: nn.Module, x):
     try:
         with torch.no_grad():
             try:
-                return x, model(x)
+                return x, call(model, x)
             except Exception as e:  # noqa: BLE001 - decided below: retry as a list, else the user's shape
                 first = e
             if isinstance(x, torch.Tensor) and x.dim() >= 3:
@@ -133,11 +120,16 @@ def run_probe(model: nn.Module, x):
                     pass
     finally:
         model.train(was)
-    raise ProbeError(
-        f"the model fails on a probe input of shape {','.join(map(str, input_shape_of(x)))} "
-        f"({type(first).__name__}: {_first_line(first)}); {first_layer_hint(model)}; pass --input-shape with "
-        "the shape it expects (models taking several inputs are not supported)"
-    ) from first
+    raise ProbeError(_fails(model, x, first)) from first
+
+
+def _fails(model: nn.Module, x, e: BaseException) -> str:
+    if isinstance(x, Inputs):
+        return (f"the model fails on {describe(x)} ({type(e).__name__}: {_first_line(e)}); pass "
+                "example_inputs the way its forward takes them (a tuple in argument order, or a dict by name)")
+    return (f"the model fails on {describe(x)} ({type(e).__name__}: {_first_line(e)}); {first_layer_hint(model)}; "
+            "pass --input-shape with the shape it expects (or, from Python, example_inputs= for models taking "
+            "several or integer inputs)")
 
 
 @dataclass
@@ -148,7 +140,7 @@ class ModuleUse:
     calls: int = 0
 
 
-def observe(model: nn.Module, x: torch.Tensor, watch: type | tuple[type, ...]) -> dict[str, ModuleUse]:
+def observe(model: nn.Module, x, watch: type | tuple[type, ...]) -> dict[str, ModuleUse]:
     """Run ``model(x)`` in eval mode, without grad, and record for each module of type ``watch``
     its input shape, producing leaf module and consuming modules. The model is left unchanged."""
     produced: dict[int, tuple[str, torch.Tensor]] = {}
@@ -195,13 +187,9 @@ def observe(model: nn.Module, x: torch.Tensor, watch: type | tuple[type, ...]) -
         model.eval()
         with torch.no_grad():
             try:
-                model(x)
+                call(model, x)
             except Exception as e:  # noqa: BLE001 - the model rejects the probe: a user-fixable input problem
-                raise ProbeError(
-                    f"the model fails on a probe input of shape {','.join(map(str, input_shape_of(x)))} "
-                    f"({type(e).__name__}: {_first_line(e)}); {first_layer_hint(model)}; pass --input-shape "
-                    "with the shape it expects (models taking several inputs are not supported)"
-                ) from e
+                raise ProbeError(_fails(model, x, e)) from e
     finally:
         for h in handles:
             h.remove()

@@ -49,13 +49,18 @@ class TraceResult:
         return self.graph_module is not None
 
 
-def try_trace(model: nn.Module) -> TraceResult:
+def try_trace(model: nn.Module, x=None) -> TraceResult:
     """Symbolically trace ``model`` (norm layers as leaves). Never raises on tracing failures.
 
     A GraphModule is traced again too: containers that earlier passes put in (NormAct, BCN's
-    Sequential) then show up as their parts."""
+    Sequential) then show up as their parts. Arguments the probe ``x`` supplies (example inputs such
+    as ``mask=``) stay inputs of the graph, even when they have a default."""
     tracer = NormTracer()
     concrete = concrete_defaults(model)
+    from normsurgeon.graph.inputs import supplied_names
+
+    for name in supplied_names(model, x):
+        concrete.pop(name, None)
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:  # noqa: BLE001 - any failure here means "not traceable", reported
@@ -154,13 +159,14 @@ def check_traced(gm: fx.GraphModule, reference, x, rtol: float = 1e-5) -> str | 
     at run time (MONAI's BasicUNet) or compute something else than eager (a branch on a traced value)."""
     import torch
 
+    from normsurgeon.graph.inputs import call
     from normsurgeon.graph.verify import output_error
 
     was = gm.training
     gm.eval()
     try:
         with torch.no_grad():
-            got = gm(x)
+            got = call(gm, x)
     except Exception as e:  # noqa: BLE001 - any failure means: take the module-swap path
         return f"the traced graph fails on the probe input ({_describe(e)})"
     finally:

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from normsurgeon.graph.inputs import Inputs, call, perturb_others
 from normsurgeon.report import Verification
 
 
@@ -113,7 +114,7 @@ def _run_hooked(model: nn.Module, x, names: list[str], keep: tuple[str, int] | N
         if n in mods:
             handles.append(mods[n].register_forward_hook(hook(n)))
     try:
-        out = model(x)
+        out = call(model, x)
     finally:
         for h in handles:
             h.remove()
@@ -131,7 +132,7 @@ def compare(original: nn.Module, rewritten: nn.Module, x, tolerance: float | Non
     states = (original.training, rewritten.training)
     original.eval(), rewritten.eval()
     try:
-        ref, new = original(x), rewritten(x)
+        ref, new = call(original, x), call(rewritten, x)
         why = uninformative(flatten_outputs(ref))
         if why is None:
             abs_err, rel_err = output_error(ref, new)
@@ -176,7 +177,7 @@ def raise_if_unverifiable(ver: Verification, verb: str) -> None:
         raise VerificationError(f"{verb}: {ver.problem}")
 
 
-def batch_independence_error(model: nn.Module, x: torch.Tensor, train: bool = False) -> float:
+def batch_independence_error(model: nn.Module, x, train: bool = False) -> float:
     """Max relative change of sample 0's output when the rest of the batch is replaced.
 
     In train mode the model is deep-copied first (running statistics must not move) and dropout is
@@ -191,15 +192,17 @@ def batch_independence_error(model: nn.Module, x: torch.Tensor, train: bool = Fa
                 mod.eval()
     try:
         with torch.no_grad():
-            a = m(x)
+            a = call(m, x)
             g = torch.Generator().manual_seed(1234)  # deterministic: the same verdict on every run
-            if isinstance(x, (list, tuple)):  # a list of images (detection): replace all but the first
+            if isinstance(x, Inputs):  # integer inputs (token ids) get other samples' values, not noise
+                other = perturb_others(x, g)
+            elif isinstance(x, (list, tuple)):  # a list of images (detection): replace all but the first
                 other = [x[0]] + [(torch.randn(t.shape, generator=g) * 3.0 + 1.0).to(t) for t in x[1:]]
             else:
                 other = x.clone()
                 noise = torch.randn(other[1:].shape, generator=g, dtype=torch.float32)
                 other[1:] = (noise * 3.0 + 1.0).to(dtype=other.dtype, device=other.device)
-            b = m(other)
+            b = call(m, other)
     finally:
         m.train(was)
     return output_error(_sample0(a), _sample0(b))[1]

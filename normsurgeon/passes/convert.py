@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from normsurgeon import provenance
-from normsurgeon.errors import NormSurgeonError, VerificationError
+from normsurgeon.errors import NormSurgeonError, RecipeError, VerificationError
 from normsurgeon.graph.modules import (
     ACTIVATION_FUNCTIONS,
     ACTIVATION_METHODS,
@@ -28,8 +28,9 @@ from normsurgeon.graph.modules import (
     set_submodule,
 )
 from normsurgeon.graph.functional_bn import is_functional_bn, read_functional_bn
+from normsurgeon.graph.inputs import Inputs, resolve
 from normsurgeon.graph.probe import (
-    ModuleUse, ProbeError, input_shape_and_source, input_shape_of, observe, probe_input, run_probe,
+    ModuleUse, ProbeError, input_shape_of, observe, run_probe,
 )
 from normsurgeon.graph.trace import check_traced, try_trace
 from normsurgeon.graph.verify import batch_independence_error, compare, raise_if_unverifiable
@@ -48,6 +49,7 @@ def convert(
     to: str | Recipe = "gn+ws",
     *,
     input_shape: tuple[int, ...] | list[int] | None = None,
+    example_inputs: Any = None,
     keep: tuple[str, ...] | list[str] = (),
     layers: dict[str, str] | None = None,
     verify: bool = False,
@@ -63,18 +65,19 @@ def convert(
     ``input_norm`` is True/"bn" (online BN input normalization) or "dain" (adaptive, (N, C, L) inputs).
     ``verify``: raise if ``frozen`` changes outputs by more than 1e-5 relative, or if the result is not
     batch-independent in eval. The report always carries the measured figures.
+    ``example_inputs``: what to run the model on instead of a random ``input_shape`` probe (a tensor,
+    a tuple of tensors, or a dict of tensors by argument name; integer inputs such as token ids work).
     """
     recipe = to if isinstance(to, Recipe) else parse_recipe(to, **options)
     train_options.check_init(init)
     input_norm = train_options.input_norm_kind(input_norm)
     overrides = {pat: parse_recipe(r, **options) for pat, r in (layers or {}).items()}
     check_options(options, [recipe, *overrides.values()])
-    shape, shape_from = input_shape_and_source(model, input_shape)
-    x = probe_input(model, shape)
+    x, shape_from = resolve(model, input_shape, example_inputs)
     x, eager = run_probe(model, x)  # the model must run on the probe: else the shape is the user's to fix
     shape = input_shape_of(x)
 
-    traced = try_trace(copy.deepcopy(model))
+    traced = try_trace(copy.deepcopy(model), x)
     changes: list[Change] = []
     fx_error, uses = f"torch.fx cannot trace: {traced.error}", None
     if traced.ok and (problem := check_traced(traced.graph_module, eager, x)) is not None:
@@ -103,6 +106,10 @@ def convert(
     check_patterns_used(list(layers or {}), seen, "--layer")
     train_options.apply_init(new, init, changes, keep=keep)
     if input_norm:
+        if isinstance(x, Inputs):
+            if len(x.named()) > 1 or x.kwargs:
+                raise RecipeError("input_norm takes a model with one input; drop it or example_inputs")
+            x = x.args[0]
         train_options.prepend_input_norm(new, x, changes, input_norm)
     new.eval()
     preserving = recipe.name == "frozen" and not overrides and init is None and not input_norm
@@ -143,19 +150,18 @@ def _recheck_float64(model: nn.Module, new: nn.Module, x, ver32):
     seed). ``frozen`` is exact, so in float64 both models agree to ~1e-12; then the float32 error passes
     if within 1e-5 + 4 x the model's own float32 noise (its float32 output against its float64 run),
     the rule ``fold`` uses. The verdict's tolerance and note say which limit was used."""
-    from normsurgeon.graph.probe import map_input
+    from normsurgeon.graph.inputs import call, first_dtype, map_input
     from normsurgeon.graph.verify import output_error
 
-    first = x[0] if isinstance(x, (list, tuple)) else x
-    if first.dtype != torch.float32:
+    if first_dtype(x) != torch.float32:
         return ver32
     try:
         m64, n64 = copy.deepcopy(model).double().eval(), copy.deepcopy(new).double().eval()
         x64 = map_input(x, torch.Tensor.double)
         with torch.no_grad():
-            ref64 = m64(x64)
-            err64 = output_error(ref64, n64(x64))[1]
-            noise = output_error(ref64, model.eval()(x))[1]
+            ref64 = call(m64, x64)
+            err64 = output_error(ref64, call(n64, x64))[1]
+            noise = output_error(ref64, call(model.eval(), x))[1]
     except Exception:  # noqa: BLE001 - a model that cannot run in float64 keeps the float32 verdict
         return ver32
     if not err64 <= 1e-9:

@@ -39,7 +39,8 @@ from torch.nn.modules.conv import _ConvNd
 
 from normsurgeon import provenance
 from normsurgeon.errors import RecipeError, TraceError, VerificationError, first_line
-from normsurgeon.graph.probe import probe_input, run_probe
+from normsurgeon.graph.inputs import call, input_shape_of, positional, resolve
+from normsurgeon.graph.probe import run_probe
 from normsurgeon.graph.trace import check_traced, try_trace
 from normsurgeon.graph.verify import compare, raise_if_unverifiable
 from normsurgeon.report import Change, SurgeryResult
@@ -195,7 +196,7 @@ def _classify(user: fx.Node, src: fx.Node, modules: dict) -> str:
 
 def build_plan(model: nn.Module, x: torch.Tensor) -> Plan:
     """Trace ``model`` (not modified; its train/eval state is restored) and list balanceable pairs."""
-    traced = try_trace(model)
+    traced = try_trace(model, x)
     if not traced.ok:
         raise TraceError(f"equalize needs a torch.fx-traceable model: {traced.error}")
     gm = traced.graph_module
@@ -203,12 +204,12 @@ def build_plan(model: nn.Module, x: torch.Tensor) -> Plan:
     try:
         model.eval()
         with torch.no_grad():
-            eager = model(x)
+            eager = call(model, x)
         problem = check_traced(gm, eager, x)
         if problem is None:
             try:
                 with torch.no_grad():
-                    ShapeProp(gm).propagate(x)
+                    ShapeProp(gm).propagate(*positional(gm, x))
             except Exception as e:  # noqa: BLE001 - same as a failing graph
                 problem = f"the traced graph fails on the probe input ({type(e).__name__}: {first_line(e)})"
     finally:
@@ -326,19 +327,20 @@ def weight_norm(model: nn.Module) -> float:
 # ------------------------------------------------------------------------------------------- API
 
 def equalize(model: nn.Module, *, iters: int = 10, c: float = 1.0, verify: bool = False,
-             input_shape: tuple[int, ...] | list[int] | None = None) -> SurgeryResult:
+             input_shape: tuple[int, ...] | list[int] | None = None, example_inputs=None) -> SurgeryResult:
     """Rebalance weights across positively homogeneous activations (a copy; the input is untouched).
 
     ``iters``: Sinkhorn sweeps over all pairs. ``c``: ENorm's asymmetry (1 = minimize the plain
     squared L2 norm of the weights; the reference used 1.1 for conv nets). ``verify``: raise if the
     eval outputs change by more than 1e-5 relative. Only tensor values change (provenance
-    ``replay: False``).
+    ``replay: False``). ``example_inputs``: a tensor, tuple or dict of tensors to run the model on
+    instead of a random ``input_shape`` probe.
     """
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise RecipeError(f"bad --iters {iters!r}: use an integer >= 0")
     if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
         raise RecipeError(f"bad --c {c!r}: use a finite positive number (1 minimizes the plain L2 norm)")
-    x = probe_input(model, tuple(input_shape) if input_shape else None)
+    x, _ = resolve(model, tuple(input_shape) if input_shape else None, example_inputs)
     x, _ = run_probe(model, x)  # the model must run on the probe: else the shape is the user's to fix
     new = copy.deepcopy(model)
     plan = build_plan(new, x)
@@ -357,9 +359,9 @@ def equalize(model: nn.Module, *, iters: int = 10, c: float = 1.0, verify: bool 
     if verify and not ver.ok:
         raise VerificationError(f"equalize changed outputs by {ver.max_rel_error:.2e} relative (limit {TOLERANCE:.0e})")
     provenance.record(new, model, "equalize",
-                      {"replay": False, "iters": iters, "c": c, "input_shape": list(x.shape)})
+                      {"replay": False, "iters": iters, "c": c, "input_shape": list(input_shape_of(x))})
     return SurgeryResult(
         model=new, changes=changes, verb="equalize", path="fx", verification=ver,
         info={"weight_norm_before": before, "weight_norm_after": after, "iters": iters, "c": c,
-              "pairs": len(plan.pairs), "skipped": len(plan.skipped), "input_shape": list(x.shape)},
+              "pairs": len(plan.pairs), "skipped": len(plan.skipped), "input_shape": list(input_shape_of(x))},
     )

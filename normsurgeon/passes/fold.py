@@ -27,7 +27,8 @@ from torch import fx, nn
 from normsurgeon import provenance
 from normsurgeon.errors import VerificationError
 from normsurgeon.graph.modules import check_patterns_used, describe, set_submodule
-from normsurgeon.graph.probe import input_shape_and_source, input_shape_of, map_input, probe_input, run_probe
+from normsurgeon.graph.inputs import Inputs, call, first_dtype, positional, resolve
+from normsurgeon.graph.probe import input_shape_of, map_input, run_probe
 from normsurgeon.graph.trace import check_traced, try_trace
 from normsurgeon.graph.verify import compare, raise_if_unverifiable
 from normsurgeon.layers.affine import ChannelAffine
@@ -44,6 +45,7 @@ def fold(
     model: nn.Module,
     *,
     input_shape: tuple[int, ...] | list[int] | None = None,
+    example_inputs=None,
     keep: tuple[str, ...] | list[str] = (),
     verify: bool = False,
 ) -> SurgeryResult:
@@ -52,22 +54,23 @@ def fold(
 
     ``keep``: glob patterns of layer names to leave alone. ``verify``: raise VerificationError when the
     folded model's eval output differs by more than 1e-5 relative on the probe input.
+    ``example_inputs``: what to run the model on instead of a random ``input_shape`` probe (a tensor,
+    a tuple of tensors, or a dict of tensors by argument name; integer inputs stay integer).
     """
     t0 = time.perf_counter()
-    given, shape_from = input_shape_and_source(model, input_shape)
-    x = probe_input(model, given)
+    x, shape_from = resolve(model, input_shape, example_inputs)
     x, _ = run_probe(model, x)  # the model must run on the probe: else the shape is the user's to fix
     shape = input_shape_of(x)
     new = copy.deepcopy(model).eval()
     changes: list[Change] = []
     _standardize(new, changes, keep)
     before = _as_leaves(new, keep, changes)
-    traced = try_trace(new)
+    traced = try_trace(new, x)
     fx_error = f"torch.fx cannot trace: {traced.error}"
     path = "module-swap"
     if traced.ok:
         with torch.no_grad():
-            eager = new(x)
+            eager = call(new, x)
         fx_error = check_traced(traced.graph_module, eager, x)
         if fx_error is None:
             try:
@@ -90,7 +93,7 @@ def fold(
     fold_s = time.perf_counter() - t0
     ver = compare(model, new, x, TOLERANCE)
     info: dict = {}
-    if not ver.ok and ver.problem is None and _dtype(x) == torch.float32:
+    if not ver.ok and ver.problem is None and first_dtype(x) == torch.float32:
         ver, info = _recheck_float64(model, new, x, ver)
     if verify:
         raise_if_unverifiable(ver, "fold")
@@ -118,8 +121,11 @@ def _recheck_float64(model: nn.Module, new: nn.Module, x: torch.Tensor, ver32):
     try:
         m64 = copy.deepcopy(model).double().eval()
         with torch.no_grad():
-            noise = output_error(m64(map_input(x, torch.Tensor.double)), model.eval()(x))[1]
-        ver64 = fold(m64, input_shape=input_shape_of(x)).verification
+            noise = output_error(call(m64, map_input(x, torch.Tensor.double)), call(model.eval(), x))[1]
+        if isinstance(x, Inputs):
+            ver64 = fold(m64, example_inputs=map_input(x, torch.Tensor.double)).verification
+        else:
+            ver64 = fold(m64, input_shape=input_shape_of(x)).verification
     except Exception:  # noqa: BLE001 - a model that cannot run in float64 keeps the float32 verdict
         return ver32, {}
     info = {"float64_max_rel_error": ver64.max_rel_error, "float32_noise_of_model": noise}
@@ -131,10 +137,6 @@ def _recheck_float64(model: nn.Module, new: nn.Module, x: torch.Tensor, ver32):
                     f"({ver64.max_rel_error:.1e})")
     return Verification(ver32.max_abs_error, ver32.max_rel_error, tolerance=limit, compared=ver32.compared,
                         note=ver32.note), info
-
-
-def _dtype(x) -> torch.dtype:
-    return (x[0] if isinstance(x, (list, tuple)) else x).dtype
 
 
 class _NotRunnable(Exception):
@@ -278,7 +280,7 @@ def _fold_fx(gm: fx.GraphModule, x: torch.Tensor, keep, changes: list[Change], b
     def shapes():
         try:
             with torch.no_grad():
-                _Shapes(gm).run(x)
+                _Shapes(gm).run(*positional(gm, x))
         except Exception as e:  # noqa: BLE001 - leaves the swap path to try
             raise _NotRunnable(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}") from None
 

@@ -25,7 +25,7 @@ from torch import fx, nn
 from normsurgeon.graph.functional_bn import read_functional_bn
 from normsurgeon.graph.trace import node_label
 from normsurgeon.graph.modules import describe, matches
-from normsurgeon.graph.probe import map_input
+from normsurgeon.graph.inputs import call, map_input
 from normsurgeon.graph.verify import flatten_outputs
 from normsurgeon.passes import fold_math as fm
 from normsurgeon.passes.fold_rules import affine_rule, extras, not_foldable_reason
@@ -307,7 +307,7 @@ def swap_sites(model: nn.Module, x: torch.Tensor, keep, changes: list[Change]) -
     handles = [modules[n].register_forward_hook(hook) for n in watched]
     try:
         with torch.enable_grad():
-            out = model(map_input(x, lambda t: t.detach().clone().requires_grad_(True) * 1.0))
+            out = call(model, map_input(x, lambda t: t.detach().clone().requires_grad_(True) * 1.0))
     finally:
         for h in handles:
             h.remove()

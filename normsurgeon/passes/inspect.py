@@ -12,7 +12,8 @@ from typing import Any
 from torch import fx, nn
 
 from normsurgeon.errors import NormSurgeonError
-from normsurgeon.graph.probe import input_shape_of, observe, probe_input, run_probe
+from normsurgeon.graph.inputs import Inputs, resolve
+from normsurgeon.graph.probe import input_shape_of, observe, run_probe
 from normsurgeon.graph.trace import check_traced, node_label, try_trace
 from normsurgeon.recipes import all_recipes
 from normsurgeon.report import Reported
@@ -60,12 +61,12 @@ class InspectReport(Reported):
         return dataclasses.asdict(self)
 
 
-def inspect(model: nn.Module, to: str = "gn+ws", input_shape=None) -> InspectReport:
-    x = probe_input(model, tuple(input_shape) if input_shape else None)
+def inspect(model: nn.Module, to: str = "gn+ws", input_shape=None, example_inputs=None) -> InspectReport:
+    x, _ = resolve(model, tuple(input_shape) if input_shape else None, example_inputs)
     x, eager = run_probe(model, x)
     shape = input_shape_of(x)
     types = norm_types()
-    traced = try_trace(model)
+    traced = try_trace(model, x)
     problem = check_traced(traced.graph_module, eager, x) if traced.ok else traced.error
     uses = observe(model, x, types)
     rep = InspectReport(
@@ -90,8 +91,9 @@ def inspect(model: nn.Module, to: str = "gn+ws", input_shape=None) -> InspectRep
             producer=producer, consumers=consumers,
         ))
         rep.counts[type(m).__name__] = rep.counts.get(type(m).__name__, 0) + 1
-    _attach(rep, "convert", lambda: __import__("normsurgeon").convert(model, to, input_shape=shape).changes)
-    _attach(rep, "fold", lambda: __import__("normsurgeon").fold(model, input_shape=shape).changes)
+    probe = {"example_inputs": x} if isinstance(x, Inputs) else {"input_shape": shape}
+    _attach(rep, "convert", lambda: __import__("normsurgeon").convert(model, to, **probe).changes)
+    _attach(rep, "fold", lambda: __import__("normsurgeon").fold(model, **probe).changes)
     return rep
 
 
