@@ -53,7 +53,7 @@ def test_shape_given_once_reaches_export_and_bench(folder):
     proc = run_cli("convert", "mymodels:build", "--to", "gn+ws", "-o", "out/c.pt", "--input-shape", "2,1,16,16",
                    cwd=folder)
     assert proc.returncode == 0, proc.stderr
-    assert (folder / "out" / "c.pt").is_file()  # the missing folder was created
+    assert (folder / "out" / "c.pt").is_file() and "created folder out" in proc.stdout  # and said so
     proc = run_cli("export", "out/c.pt", "-o", "out/c.onnx", "--trust-code", "--verify", "--json", cwd=folder)
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)

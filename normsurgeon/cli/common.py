@@ -123,6 +123,21 @@ def status(message: str):
     return err_console().status(message, spinner="dots")
 
 
+def check_output(path: str, force: bool, kind: str = "model"):
+    """The output checks (before any work); remembers a folder that does not exist yet, which
+    publishing will create, so the summary can say so."""
+    from normsurgeon.publish import check_output as check, missing_folder
+
+    out = check(path, force, kind=kind)
+    STATE["new_folder"] = missing_folder(out)
+    return out
+
+
+def created_folder_line() -> str | None:
+    folder = STATE.get("new_folder")
+    return f"created folder {folder}" if folder is not None and folder.is_dir() else None
+
+
 def load(spec: str, weights: str | None, trust_pickle: bool, trust_code: bool = False):
     from normsurgeon.model_io import load_model
 
@@ -251,6 +266,8 @@ def render_result(result, title: str, as_json: bool, output: str | None = None,
         out.print(f"{k}: {val}")
     if output:
         out.print(f"output: {escape(output)}{_size(output)}")
+    if created_folder_line():
+        out.print(escape(created_folder_line()))
     if hint:
         out.print(f"[yellow]next:[/] {escape(hint)}")
 

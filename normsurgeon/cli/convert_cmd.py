@@ -56,7 +56,6 @@ def register(app: typer.Typer) -> None:
         """Replace BatchNorm with a batch-independent recipe and save the converted model."""
         from normsurgeon import preflight
         from normsurgeon.errors import RecipeError
-        from normsurgeon.publish import check_output
         from normsurgeon.recipes import parse_recipe
 
         preflight.model_spec(model)
@@ -73,7 +72,7 @@ def register(app: typer.Typer) -> None:
         preflight.check_init(init)
         preflight.input_norm_kind(input_norm)
         shape = preflight.shape(input_shape)  # every check above runs before torch is imported
-        check_output(output, force)
+        common.check_output(output, force)
         from normsurgeon.model_io import save_model
         from normsurgeon.passes.convert import convert
 

@@ -55,13 +55,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a batch-independent STUDENT to reproduce a BN TEACHER's outputs (label-free distillation)."""
         from normsurgeon import preflight
-        from normsurgeon.publish import check_output
 
         preflight.model_spec(student)
         preflight.model_spec(teacher)
         preflight.data_spec(data)
         shape = preflight.shape(input_shape)
-        check_output(output, force)  # every check above runs before torch is imported
+        common.check_output(output, force)  # every check above runs before torch is imported
         from normsurgeon.calibrate import distributed
         from normsurgeon.distillation import checkpoint
         from normsurgeon.distillation.api import distill
@@ -113,3 +112,5 @@ def render(report: dict, verbose: bool = False) -> None:
         out.print(f"accuracy: {pct(b['accuracy'])} -> [bold]{pct(a['accuracy'])}[/] "
                   f"(teacher {pct(report['teacher_accuracy'])})")
     out.print(f"output: {common.escape(report['output'])}")
+    if common.created_folder_line():
+        out.print(common.escape(common.created_folder_line()))

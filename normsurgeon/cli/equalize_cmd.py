@@ -27,12 +27,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Equi-normalize: rescale channels through ReLU-like activations to minimize the weights' L2 norm (function-preserving)."""
         from normsurgeon import preflight
-        from normsurgeon.publish import check_output
 
         preflight.model_spec(model)
         shape = preflight.shape(input_shape)
         preflight.positive(c, "--c")
-        check_output(output, force)  # every check above runs before torch is imported
+        common.check_output(output, force)  # every check above runs before torch is imported
         from normsurgeon.model_io import save_model
         from normsurgeon.passes.equalize import equalize
 

@@ -33,10 +33,9 @@ def register(app: typer.Typer) -> None:
         run the ONNX checker and optionally verify with ONNX Runtime."""
         from normsurgeon import preflight
         from normsurgeon.deploy.export import check_options
-        from normsurgeon.publish import check_output
 
         preflight.model_spec(model)
-        check_output(output, force, kind="onnx")
+        common.check_output(output, force, kind="onnx")
         check_options(opset, exporter, channel_affine)
         shape = preflight.shape(input_shape)  # every check above runs before torch is imported
         from normsurgeon.deploy.export import export_onnx
@@ -83,3 +82,5 @@ def _render(rep) -> None:
     out.print("time: " + ", ".join(f"{k} {s:.2f} s" for k, s in rep.seconds.items()))
     for n in rep.notes:
         out.print(f"note: {common.escape(n)}")
+    if common.created_folder_line():
+        out.print(common.escape(common.created_folder_line()))

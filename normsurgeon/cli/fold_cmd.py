@@ -27,11 +27,10 @@ def register(app: typer.Typer) -> None:
         """Fold BatchNorm, weight standardization and other per-channel constants into the
         neighbouring convs/linears, and save the folded model. Every fold and every leftover is listed."""
         from normsurgeon import preflight
-        from normsurgeon.publish import check_output
 
         preflight.model_spec(model)
         shape = preflight.shape(input_shape)
-        check_output(output, force)  # every check above runs before torch is imported
+        common.check_output(output, force)  # every check above runs before torch is imported
         from normsurgeon.model_io import save_model
         from normsurgeon.passes.fold import fold
 

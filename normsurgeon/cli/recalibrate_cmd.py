@@ -55,13 +55,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Re-estimate BatchNorm (and recipe-layer) running statistics on data, exactly pooled."""
         from normsurgeon import preflight
-        from normsurgeon.publish import check_output
 
         preflight.model_spec(model)
         preflight.data_spec(data)
         preflight.noise(noise)
         mean_t, std_t = floats(mean, "--mean"), floats(std, "--std")
-        check_output(output, force)  # every check above runs before torch is imported
+        common.check_output(output, force)  # every check above runs before torch is imported
         from normsurgeon.calibrate import distributed
         from normsurgeon.calibrate.data import load_data
         from normsurgeon.calibrate.recalibrate import recalibrate

@@ -142,6 +142,10 @@ def export_onnx(
         t = time.perf_counter()
         proto, used = _export(model, x, int(opset), dynamic_batch, exporter, out_names, report.notes)
         report.exporter = used
+        if dynamic_batch and not _symbolic_batch(proto):
+            dynamic_batch = report.dynamic_batch = False
+            report.notes.append(f"the {used} exporter fixed the batch at {shape[0]} (the model's code specializes "
+                                "it): the file takes that batch only")
         seconds["export"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -262,6 +266,13 @@ def check_options(opset: int, exporter: str, channel_affine: str = "conv",
 
 def _default_opset(proto) -> int | None:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _symbolic_batch(proto) -> bool:
+    """Whether the graph's first input has a symbolic (named) first dimension."""
+    inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    dims = inputs[0].type.tensor_type.shape.dim if inputs else []
+    return bool(dims) and bool(dims[0].dim_param) and not dims[0].dim_value
 
 
 def _export(model, x, opset, dynamic_batch, exporter, out_names, notes):

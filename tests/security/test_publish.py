@@ -130,7 +130,7 @@ def test_out_of_memory_is_an_environment_error(tmp_path, monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(conv, "probe_input", oom)
+    monkeypatch.setattr(conv, "resolve", oom)
     code, _, err = cli(["convert", MODEL, "--to", "gn", "-o", str(tmp_path / "m.pt")])
     assert code == 4
     one_error_line(err, "out of memory")
@@ -143,7 +143,7 @@ def test_a_bug_is_reported_as_ours(tmp_path, monkeypatch):
     def bug(*a, **k):
         raise KeyError("oops")
 
-    monkeypatch.setattr(conv, "probe_input", bug)
+    monkeypatch.setattr(conv, "resolve", bug)
     code, _, err = cli(["convert", MODEL, "--to", "gn", "-o", str(tmp_path / "m.pt")])
     assert code == 1
     lines = [ln for ln in err.splitlines() if ln.strip()]
