@@ -28,6 +28,7 @@ def register(app: typer.Typer) -> None:
         channel_affine: str = typer.Option("conv", "--channel-affine", help="Per-channel affines (GroupNorm's, fold's leftovers) as a depthwise 1x1 Conv (conv, fastest on ORT CPU) or the exporter's Mul/Add (mul-add, what ORT's CUDA GroupNorm fusion matches)."),
         force: bool = common.force_opt(),
         as_json: bool = common.json_opt(),
+        verbose: bool = common.verbose_opt(),
     ) -> None:
         """Fold, export to ONNX, optimize the graph (no BatchNormalization, no constant-only nodes),
         run the ONNX checker and optionally verify with ONNX Runtime."""
@@ -50,10 +51,10 @@ def register(app: typer.Typer) -> None:
             d["output"] = d.pop("path")
             common.print_json(d, "export")
             return
-        _render(rep)
+        _render(rep, verbose)
 
 
-def _render(rep) -> None:
+def _render(rep, verbose: bool = False) -> None:
     from rich.table import Table
 
     out = common.console()
@@ -64,12 +65,13 @@ def _render(rep) -> None:
     if rep.fold:
         s = ", ".join(f"{n} {a}" for a, n in rep.fold["summary"].items()) or "nothing to fold"
         out.print(f"fold ({rep.fold['path']}): {s}")
-    t = Table(title="graph", show_header=True)
-    t.add_column("op")
-    t.add_column("count", justify="right")
-    for op, n in rep.nodes.items():
-        t.add_row(op, str(n))
-    out.print(t)
+    if verbose:  # the op histogram of the written graph
+        t = Table(title="graph", show_header=True)
+        t.add_column("op")
+        t.add_column("count", justify="right")
+        for op, n in rep.nodes.items():
+            t.add_row(op, str(n))
+        out.print(t)
     mark = lambda ok: "[green]ok[/]" if ok else "[red]no[/]"  # noqa: E731
     out.print(f"BatchNormalization nodes: {rep.batchnorm_nodes} {mark(rep.batchnorm_nodes == 0)}; "
               f"constant-only nodes: {rep.constant_nodes} {mark(rep.constant_nodes == 0)}; "
