@@ -27,7 +27,8 @@ from normsurgeon.errors import DataError
 from normsurgeon.graph.modules import is_batchnorm
 
 PREFIX = "inversion"
-DEFAULTS = {"iterations": 300, "batch_size": 128, "lr": 0.1, "ce": 1.0, "tv": 1e-3, "l2": 1e-4}
+DEFAULTS = {"iterations": 300, "batch_size": 128, "lr": 0.1, "ce": 1.0, "tv": 1e-3, "l2": 1e-4,
+            "jitter": 0, "first_bn": 1.0, "clamp": None}
 
 
 def parse(spec) -> int | None:
@@ -64,8 +65,9 @@ def bn_layers(teacher: nn.Module) -> list[tuple[str, nn.Module]]:
 class BNStatLoss:
     """Hooks on the teacher's BN layers adding up the distance of batch to running statistics."""
 
-    def __init__(self, teacher: nn.Module) -> None:
+    def __init__(self, teacher: nn.Module, first_weight: float = 1.0) -> None:
         self.layers = bn_layers(teacher)
+        self.first_weight = float(first_weight)
         self.terms: list[torch.Tensor] = []
         self.handles = [m.register_forward_hook(self._hook) for _, m in self.layers]
 
@@ -76,10 +78,12 @@ class BNStatLoss:
         self.terms.append(torch.linalg.vector_norm(mean - m.running_mean) +
                           torch.linalg.vector_norm(var - m.running_var))
 
-    def take(self) -> torch.Tensor:
-        total = torch.stack(self.terms).sum()
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the plain sum over layers, the sum with the first layer's term weighted by first_weight)."""
+        terms = torch.stack(self.terms)
         self.terms = []
-        return total
+        total = terms.sum()
+        return total, total + (self.first_weight - 1.0) * terms[0]
 
     def close(self) -> None:
         for h in self.handles:
@@ -94,7 +98,8 @@ def tv(x: torch.Tensor) -> torch.Tensor:
 def synthesize(teacher: nn.Module, n: int, shape: tuple[int, ...], *, seed: int = 0, device="cpu",
                dtype=torch.float32, iterations: int = DEFAULTS["iterations"], batch_size: int = DEFAULTS["batch_size"],
                lr: float = DEFAULTS["lr"], ce: float = DEFAULTS["ce"], tv_weight: float = DEFAULTS["tv"],
-               l2: float = DEFAULTS["l2"], history: list | None = None) -> torch.Tensor:
+               l2: float = DEFAULTS["l2"], jitter: int = DEFAULTS["jitter"], first_bn: float = DEFAULTS["first_bn"],
+               clamp: tuple[float, float] | None = DEFAULTS["clamp"], history: list | None = None) -> torch.Tensor:
     """N synthesized inputs of per-sample ``shape`` (detached, on CPU). ``history``, if given, gets
     the BN-statistics loss of each batch at the first and the last iteration."""
     if not bn_layers(teacher):
@@ -105,30 +110,44 @@ def synthesize(teacher: nn.Module, n: int, shape: tuple[int, ...], *, seed: int 
     teacher.eval()
     for p, _ in grads:
         p.requires_grad_(False)
-    stats = BNStatLoss(teacher)
+    stats = BNStatLoss(teacher, first_bn)
+    spatial = list(range(2, 1 + len(shape)))
     g = torch.Generator().manual_seed(seed)
     out = []
     try:
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
-            x = torch.randn((b, *shape), generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+            x = torch.randn((b, *shape), generator=g)
+            if clamp is not None:
+                lo, hi = clamp
+                x = (lo + hi) / 2 + (hi - lo) / 4 * x.clamp(-2, 2)
+            x = x.to(device=device, dtype=dtype).requires_grad_(True)
             opt = torch.optim.Adam([x], lr=lr)
             targets = None
             first_loss = last_loss = None
             for it in range(iterations):
                 for group in opt.param_groups:
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * it / iterations))
-                t_out = teacher(x)
-                bn_loss = stats.take()
-                loss = bn_loss + tv_weight * tv(x) + l2 * x.pow(2).mean()
+                xin = x
+                if jitter and spatial:
+                    shifts = [int(v) for v in torch.randint(-jitter, jitter + 1, (len(spatial),), generator=g)]
+                    xin = torch.roll(x, shifts=shifts, dims=spatial)
+                t_out = teacher(xin)
+                bn_loss, weighted = stats.take()
+                loss = weighted + tv_weight * tv(x) + l2 * x.pow(2).mean()
                 logits = outputs.tensors(t_out)[0]
                 if ce > 0 and logits.dim() == 2:
                     if targets is None:
-                        targets = torch.randint(logits.shape[1], (b,), generator=g).to(logits.device)
+                        k = logits.shape[1]
+                        targets = (torch.arange(b) % k)[torch.randperm(b, generator=g)]
+                        targets = ((targets + int(torch.randint(k, (1,), generator=g))) % k).to(logits.device)
                     loss = loss + ce * F.cross_entropy(logits, targets)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if clamp is not None:
+                    with torch.no_grad():
+                        x.clamp_(*clamp)
                 first_loss = float(bn_loss.detach()) if first_loss is None else first_loss
                 last_loss = float(bn_loss.detach())
             if history is not None:
