@@ -5,14 +5,21 @@ in each BN layer the per-channel mean and variance its input had over the traini
 from Gaussian noise, inputs are optimized (Adam, cosine-decayed step) so that every teacher BN
 layer's *batch* statistics of its input match its running statistics:
 
-    L = sum_l ( ||mu_l(x) - running_mean_l||_2 + ||var_l(x) - running_var_l||_2 )
-        + ce * CrossEntropy(teacher(x), targets) + tv * TV(x) + l2 * mean(x^2)
+    L = sum_l w_l ( ||mu_l(x') - running_mean_l||_2 + ||var_l(x') - running_var_l||_2 )
+        + ce * CrossEntropy(teacher(x'), targets) + tv * TV(x) + l2 * mean(x^2)
 
-``targets`` are classes drawn uniformly (seeded) when the teacher returns (N, classes) logits, so the
-batch covers the classes (DeepInversion's cross-entropy term; ``ce=0`` gives ZeroQ's statistics-only
-loss); ``TV`` is the mean squared difference between neighbouring values along every axis after the
-channel axis (a smoothness prior). Inputs are made in batches of ``batch_size`` (batch statistics
-need a batch); the teacher is in eval mode and unchanged.
+``x'`` is ``x`` rolled by a random shift of up to ``jitter`` positions along every axis after the
+channel axis, drawn anew each iteration (DeepInversion's jitter: the inputs must match the
+statistics wherever they sit). ``w_1 = first_bn`` weights the first BN layer (the closest to the input,
+so the one that constrains the input most), ``w_l = 1`` for the others. ``targets`` are balanced
+classes (each class about equally often in every batch, seeded order) when the teacher returns
+(N, classes) logits (DeepInversion's cross-entropy term; ``ce=0`` gives ZeroQ's statistics-only
+loss). A small ``ce`` measured better than ``ce=1``: the inputs stay closer to the class boundaries
+instead of all becoming extreme-confidence examples. ``TV`` is the mean squared difference between
+neighbouring values along every axis after the channel axis (a smoothness prior). ``clamp=(lo, hi)``
+(off by default: the data range is not known in general) starts from noise inside the range and
+keeps the inputs in it after every step. Inputs are made in batches of ``batch_size`` (batch
+statistics need a batch); the teacher is in eval mode and unchanged.
 """
 from __future__ import annotations
 
@@ -27,8 +34,8 @@ from normsurgeon.errors import DataError
 from normsurgeon.graph.modules import is_batchnorm
 
 PREFIX = "inversion"
-DEFAULTS = {"iterations": 300, "batch_size": 128, "lr": 0.1, "ce": 1.0, "tv": 1e-3, "l2": 1e-4,
-            "jitter": 0, "first_bn": 1.0, "clamp": None}
+DEFAULTS = {"iterations": 300, "batch_size": 128, "lr": 0.1, "ce": 0.1, "tv": 1e-3, "l2": 1e-4,
+            "jitter": 2, "first_bn": 10.0, "clamp": None}
 
 
 def parse(spec) -> int | None:
