@@ -39,14 +39,30 @@ DEFAULTS = {"iterations": 300, "batch_size": 128, "lr": 0.1, "ce": 0.1, "tv": 1e
 
 
 def parse(spec) -> int | None:
-    """N for an ``inversion:N`` spec; None for any other DATA."""
+    """N for an ``inversion:N`` or ``inversion:N:LO,HI`` spec; None for any other DATA."""
+    parsed = parse_full(spec)
+    return None if parsed is None else parsed[0]
+
+
+def parse_full(spec) -> tuple[int, tuple[float, float] | None] | None:
+    """(N, (LO, HI) or None) for ``inversion:N[:LO,HI]``; None for any other DATA. ``LO,HI`` is the
+    input range the synthesized inputs are kept in (e.g. ``0,1`` for images scaled to [0, 1])."""
     if not isinstance(spec, str) or not spec.strip().startswith(PREFIX):
         return None
-    _, sep, n = spec.strip().partition(":")
-    if not sep or not n.isdigit() or int(n) < 1:
-        raise DataError(f"bad DATA {spec!r}: write inversion:N with N the number of inputs to synthesize, "
-                        "e.g. inversion:2048")
-    return int(n)
+    bad = (f"bad DATA {spec!r}: write inversion:N with N the number of inputs to synthesize, e.g. inversion:2048, "
+           "or inversion:N:LO,HI to keep the inputs in [LO, HI], e.g. inversion:2048:0,1")
+    parts = spec.strip().split(":")
+    if len(parts) not in (2, 3) or parts[0] != PREFIX or not parts[1].isdigit() or int(parts[1]) < 1:
+        raise DataError(bad)
+    if len(parts) == 2:
+        return int(parts[1]), None
+    try:
+        lo, hi = (float(v) for v in parts[2].split(","))
+    except ValueError:
+        raise DataError(bad) from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise DataError(bad)
+    return int(parts[1]), (lo, hi)
 
 
 def sample_shape(teacher: nn.Module, input_shape) -> tuple[int, ...]:
