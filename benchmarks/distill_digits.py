@@ -65,6 +65,9 @@ def main() -> None:
     ap.add_argument("--no-init", action="store_true", help="skip the moment-init stage (ablation)")
     ap.add_argument("--no-mixup", action="store_true", help="no input mixup (ablation)")
     ap.add_argument("--inversion", type=int, default=0, help="data-free rows with inversion:N instead of digits:train")
+    ap.add_argument("--inv", action="append", default=[], metavar="KEY=VALUE",
+                    help="a synthesis setting for --inversion (iterations, lr, ce, tv, l2, jitter, first_bn, "
+                         "clamp=LO,HI); repeatable")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", default=".bench_cache")
     args = ap.parse_args()
@@ -74,10 +77,16 @@ def main() -> None:
     test, train_x = load_digits("test"), load_digits("train").x
     t_acc = scores(teacher, teacher, test)[0]
     data = f"inversion:{args.inversion}" if args.inversion else train_x
+    inv_opts = {}
+    for item in args.inv:
+        key, _, val = item.partition("=")
+        inv_opts[key] = tuple(float(v) for v in val.split(",")) if key == "clamp" else \
+            (int(val) if key in ("iterations", "batch_size", "jitter") else float(val))
     print(f"# {args.model} teacher (BN) test accuracy {100 * t_acc:.2f}%; distill data "
           f"{'inversion:%d' % args.inversion if args.inversion else 'digits:train inputs (no labels)'}; "
           f"steps {args.steps}, batch {args.batch_size}, lr {args.lr:g}, init {'off' if args.no_init else 'on'}, "
           f"mixup {'off' if args.no_mixup else 'on'}, "
+          f"{'synthesis ' + str(inv_opts) + ', ' if inv_opts else ''}"
           f"{args.threads} thread(s)")
     print("| model | recipe | seed | converted acc | converted agree | distilled acc | distilled agree | "
           "acc - teacher (pts) | steps | seconds |")
@@ -88,7 +97,8 @@ def main() -> None:
         for seed in range(args.seeds):
             t0 = time.perf_counter()
             res = normsurgeon.distill(student, teacher, data, steps=args.steps, batch_size=args.batch_size,
-                                      lr=args.lr, seed=seed, init=not args.no_init, mixup=not args.no_mixup, input_shape=(1, 1, 16, 16))
+                                      lr=args.lr, seed=seed, init=not args.no_init, mixup=not args.no_mixup, input_shape=(1, 1, 16, 16),
+                                      inversion_options=inv_opts or None)
             sec = time.perf_counter() - t0
             acc, agree = scores(res.model, teacher, test)
             print(f"| {args.model} | {recipe} | {seed} | {100 * c_acc:.2f} | {100 * c_agree:.2f} | {100 * acc:.2f} | "

@@ -11,6 +11,7 @@ from normsurgeon.calibrate.data import load_digits
 from normsurgeon.calibrate.digits_cnn import train_digits_cnn
 from normsurgeon.distillation import inversion
 from normsurgeon.distillation.moment_init import moment_init, norm_pairs
+from normsurgeon.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,8 @@ def test_inversion_batches_approach_running_statistics(teacher):
     g = torch.Generator().manual_seed(3)
     start = torch.randn((64, 1, 16, 16), generator=g)  # what synthesize starts from for this seed
     hist = []
-    x = inversion.synthesize(teacher, 64, (1, 16, 16), seed=3, iterations=60, batch_size=64, history=hist)
+    x = inversion.synthesize(teacher, 64, (1, 16, 16), seed=3, iterations=60, batch_size=64, jitter=0,
+                             history=hist)
     d0, d1 = _bn_distance(teacher, start), _bn_distance(teacher, x)
     assert hist[0][0] == pytest.approx(d0, rel=1e-4)
     assert d1 < 0.25 * d0, (d0, d1)
@@ -164,6 +166,16 @@ def test_inversion_data_spec_runs_distill(teacher):
     inv = res.report["inversion"]
     assert res.report["data"] == "inversion:64" and inv["shape"] == [1, 16, 16]
     assert inv["bn_loss_end"] < inv["bn_loss_start"]
+
+
+def test_inversion_range_spec_keeps_inputs_in_range(teacher):
+    assert inversion.parse_full("inversion:64:0,1") == (64, (0.0, 1.0))
+    assert inversion.parse_full("inversion:64") == (64, None) and inversion.parse("digits") is None
+    for bad in ("inversion:64:1,0", "inversion:64:a,b", "inversion:64:0,1:2"):
+        with pytest.raises(DataError, match="inversion:N:LO,HI"):
+            inversion.parse(bad)
+    x = inversion.synthesize(teacher, 32, (1, 16, 16), seed=1, iterations=10, batch_size=32, clamp=(0.0, 1.0))
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0 and float(x.std()) > 0.05
 
 
 class HandBuilt(nn.Module):

@@ -114,6 +114,8 @@ def distill(
     if n_inv is not None:
         shape = inversion.sample_shape(t_model, input_shape)
         opts = dict(inversion_options or {})
+        if inversion.parse_full(data)[1] is not None:
+            opts["clamp"] = inversion.parse_full(data)[1]
         hist: list = []
         t0 = time.perf_counter()
         x = inversion.synthesize(t_model, n_inv, shape, seed=seed, device=dev, dtype=dtype, history=hist, **opts)
