@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normsurgeon.layers.moments import MeanVarMoments, channel_shape
+from normsurgeon.layers.moments import MeanVarMoments, channel_shape, running_affine
 
 BCN_GROUPS = 32  # BCN repo: layers.py overrides BatchNorm2d with BCNorm(num_groups=32)
 BCN_EPS = 1e-5  # EstBN hard-codes 1e-5; BCNorm's channel part takes eps=1e-5 in layers.py
@@ -70,14 +70,12 @@ class EstimatedBatchNorm(MeanVarMoments, nn.Module):
         if self.training:
             self._update_estimates(x.detach())
         shape = channel_shape(x)
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-        shift = self.bias - self.running_mean * scale
+        scale, shift = running_affine(self)
         return x * scale.reshape(shape) + shift.reshape(shape)
 
     @torch.no_grad()
     def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-        return scale.clone(), self.bias - self.running_mean * scale
+        return running_affine(self)
 
     def extra_repr(self) -> str:
         mode = f"estimate, rate={float(self.estimate_rate):g}" if self.estimate else "batch statistics"

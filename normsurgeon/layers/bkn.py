@@ -52,7 +52,7 @@ import threading
 import torch
 from torch import nn
 
-from normsurgeon.layers.moments import MeanVarMoments, channel_shape
+from normsurgeon.layers.moments import MeanVarMoments, channel_shape, running_affine
 
 BKN_GAIN = 0.5  # normsurgeon choice (authors' code: 0.1, i.e. p_rate = 0.9 on the prior); see docstring
 BKN_MOMENTUM = 0.1  # authors' code: EMA decay 0.9
@@ -119,8 +119,7 @@ class BatchKalmanNorm(MeanVarMoments, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = channel_shape(x)
         if not self.training:
-            scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-            shift = self.bias - self.running_mean * scale
+            scale, shift = running_affine(self)
             return x * scale.reshape(shape) + shift.reshape(shape)
         dims = self.moment_axes(x)
         xbar = x.mean(dim=dims)
@@ -141,8 +140,7 @@ class BatchKalmanNorm(MeanVarMoments, nn.Module):
 
     @torch.no_grad()
     def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-        return scale.clone(), self.bias - self.running_mean * scale
+        return running_affine(self)
 
     def __setstate__(self, state):  # a loaded copy is a new layer: it gets a new serial (after existing ones)
         super().__setstate__(state)

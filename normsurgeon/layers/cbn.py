@@ -47,7 +47,7 @@ from collections import deque
 import torch
 from torch import nn
 
-from normsurgeon.layers.moments import MeanVarMoments, channel_shape
+from normsurgeon.layers.moments import MeanVarMoments, channel_shape, running_affine
 
 CBN_WINDOW = 8  # k, unverified (see module docstring)
 CBN_BURNIN = 100  # iterations of plain BN first, a normsurgeon choice (see module docstring)
@@ -144,8 +144,7 @@ class CrossIterationBatchNorm(MeanVarMoments, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = channel_shape(x)
         if not self.training:
-            scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-            shift = self.bias - self.running_mean * scale
+            scale, shift = running_affine(self)
             return x * scale.reshape(shape) + shift.reshape(shape)
         dims = self.moment_axes(x)
         mu = x.mean(dim=dims)
@@ -165,8 +164,7 @@ class CrossIterationBatchNorm(MeanVarMoments, nn.Module):
 
     @torch.no_grad()
     def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-        return scale.clone(), self.bias - self.running_mean * scale
+        return running_affine(self)
 
     def __getstate__(self):  # the window is training scratch: not pickled (it holds autograd-free copies)
         state = self.__dict__.copy()

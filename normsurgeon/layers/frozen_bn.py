@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normsurgeon.layers.moments import running_affine
+
 
 class FrozenBatchNorm(nn.Module):
     """``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` over dim 1, any rank.
@@ -35,8 +37,7 @@ class FrozenBatchNorm(nn.Module):
 
     def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The affine ``a * x + b`` this layer computes, per channel (the fold protocol)."""
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-        return scale, self.bias - self.running_mean * scale
+        return running_affine(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, shift = self.eval_affine()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normsurgeon.layers.moments import MeanVarMoments
+from normsurgeon.layers.moments import MeanVarMoments, running_affine
 
 INPUT_NORM_GAMMA = 0.1 * 0.58  # revisiting-bn networks.py: bn_weight * 0.58
 
@@ -36,8 +36,7 @@ class InputNorm(MeanVarMoments, nn.Module):
 
     @torch.no_grad()
     def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-        return scale, self.bias - self.running_mean * scale
+        return running_affine(self)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, beta frozen at 0"

@@ -114,6 +114,14 @@ def set_mean_var(layer, mean: torch.Tensor, sq_mean: torch.Tensor) -> None:
         layer.running_var.copy_(var.to(layer.running_var.dtype))
 
 
+def running_affine(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel ``(scale, shift)`` a BN-like layer applies at eval from its running statistics:
+    ``weight / sqrt(running_var + eps)`` and ``bias - running_mean * scale`` (the fold protocol's
+    ``eval_affine`` of every such layer)."""
+    scale = layer.weight * torch.rsqrt(layer.running_var + layer.eps)
+    return scale, layer.bias - layer.running_mean * scale
+
+
 def channel_shape(x: torch.Tensor) -> tuple[int, ...]:
     """``(1, -1, 1, ...)``: broadcast a per-channel vector over an input of x's rank."""
     return (1, -1) + (1,) * (x.dim() - 2)
