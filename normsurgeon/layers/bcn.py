@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normsurgeon.layers.moments import MeanVarMoments, channel_shape, running_affine
+from normsurgeon.layers.moments import MeanVarMoments, apply_running_affine, channel_shape, running_affine
 
 BCN_GROUPS = 32  # BCN repo: layers.py overrides BatchNorm2d with BCNorm(num_groups=32)
 BCN_EPS = 1e-5  # EstBN hard-codes 1e-5; BCNorm's channel part takes eps=1e-5 in layers.py
@@ -69,9 +69,7 @@ class EstimatedBatchNorm(MeanVarMoments, nn.Module):
                                 True, self.momentum, self.eps)
         if self.training:
             self._update_estimates(x.detach())
-        shape = channel_shape(x)
-        scale, shift = running_affine(self)
-        return x * scale.reshape(shape) + shift.reshape(shape)
+        return apply_running_affine(self, x)
 
     @torch.no_grad()
     def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,7 +52,7 @@ import threading
 import torch
 from torch import nn
 
-from normsurgeon.layers.moments import MeanVarMoments, channel_shape, running_affine
+from normsurgeon.layers.moments import MeanVarMoments, apply_running_affine, channel_shape, running_affine
 
 BKN_GAIN = 0.5  # normsurgeon choice (authors' code: 0.1, i.e. p_rate = 0.9 on the prior); see docstring
 BKN_MOMENTUM = 0.1  # authors' code: EMA decay 0.9
@@ -119,8 +119,7 @@ class BatchKalmanNorm(MeanVarMoments, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = channel_shape(x)
         if not self.training:
-            scale, shift = running_affine(self)
-            return x * scale.reshape(shape) + shift.reshape(shape)
+            return apply_running_affine(self, x)
         dims = self.moment_axes(x)
         xbar = x.mean(dim=dims)
         s = (x * x).mean(dim=dims) - xbar * xbar

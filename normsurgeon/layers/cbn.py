@@ -47,7 +47,7 @@ from collections import deque
 import torch
 from torch import nn
 
-from normsurgeon.layers.moments import MeanVarMoments, channel_shape, running_affine
+from normsurgeon.layers.moments import MeanVarMoments, apply_running_affine, channel_shape, running_affine
 
 CBN_WINDOW = 8  # k, unverified (see module docstring)
 CBN_BURNIN = 100  # iterations of plain BN first, a normsurgeon choice (see module docstring)
@@ -144,8 +144,7 @@ class CrossIterationBatchNorm(MeanVarMoments, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = channel_shape(x)
         if not self.training:
-            scale, shift = running_affine(self)
-            return x * scale.reshape(shape) + shift.reshape(shape)
+            return apply_running_affine(self, x)
         dims = self.moment_axes(x)
         mu = x.mean(dim=dims)
         nu = (x * x).mean(dim=dims)

@@ -122,6 +122,13 @@ def running_affine(layer) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, layer.bias - layer.running_mean * scale
 
 
+def apply_running_affine(layer, x: torch.Tensor) -> torch.Tensor:
+    """``x`` normalized with the layer's running statistics and affine (its eval function)."""
+    scale, shift = running_affine(layer)
+    shape = channel_shape(x)
+    return x * scale.reshape(shape) + shift.reshape(shape)
+
+
 def channel_shape(x: torch.Tensor) -> tuple[int, ...]:
     """``(1, -1, 1, ...)``: broadcast a per-channel vector over an input of x's rank."""
     return (1, -1) + (1,) * (x.dim() - 2)
