@@ -20,6 +20,10 @@ be folded first. Channels that reach a residual add, a concat, a non-homogeneous
 GELU, ReLU6, sigmoid...) or the model output are skipped and reported: their scale is tied to other
 layers or to the output.
 
+Paths: ``fx`` when torch.fx traces the model into a graph that computes what the model computes on
+the probe; else ``module-swap``, where the same pairs are read off the autograd graph of one probe
+forward (``equalize_swap``) and the report says why the graph path was not taken.
+
 A "sweep" is one pass over all pairs (Gauss-Seidel, fresh norms each time). :func:`build_plan` and
 :func:`sweep` are shared with the SGD-interleaving callback in ``normsurgeon.training``.
 """
@@ -38,7 +42,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.conv import _ConvNd
 
 from normsurgeon import provenance
-from normsurgeon.errors import RecipeError, TraceError, VerificationError, first_line
+from normsurgeon.errors import RecipeError, VerificationError, first_line
 from normsurgeon.graph.inputs import call, input_shape_of, positional, resolve
 from normsurgeon.graph.probe import run_probe
 from normsurgeon.graph.trace import check_traced, try_trace
@@ -118,6 +122,16 @@ def _is_flatten(node: fx.Node, src: fx.Node) -> bool:
         and b[1] == math.prod(a[1:])
 
 
+def _spatial_mean(user: fx.Node, src: fx.Node) -> bool:
+    """A mean over spatial axes only (global average pooling written as ``x.mean((2, 3))``)."""
+    shape = _shape(src)
+    dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+    if shape is None or len(shape) <= 2 or user.args[0] is not src:
+        return False
+    dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (list, tuple)) else None
+    return bool(dims) and all(isinstance(d, int) for d in dims) and min(d % len(shape) for d in dims) >= 2
+
+
 def _follow(gm: fx.GraphModule, start: fx.Node, modules: dict, calls: dict) -> tuple[list[Consumer], str | None]:
     """Consumers of ``start``'s channels through homogeneous ops, or (.., reason) when blocked."""
     consumers: list[Consumer] = []
@@ -183,6 +197,8 @@ def _classify(user: fx.Node, src: fx.Node, modules: dict) -> str:
             return "shape"
         name = getattr(user.target, "__name__", str(user.target))
         return f"reaches {name} ({user.name}), not positively homogeneous"
+    if user.op == "call_method" and user.target == "mean" or user.op == "call_function" and user.target is torch.mean:
+        return "pass" if _spatial_mean(user, src) else f"reaches a mean over channels ({user.name})"
     if user.op == "call_method":
         if user.target in _SHAPE_ONLY:
             return "shape"
@@ -194,11 +210,26 @@ def _classify(user: fx.Node, src: fx.Node, modules: dict) -> str:
     return f"used by {user.op} {user.name}"
 
 
-def build_plan(model: nn.Module, x: torch.Tensor) -> Plan:
-    """Trace ``model`` (not modified; its train/eval state is restored) and list balanceable pairs."""
+def build_plan(model: nn.Module, x) -> Plan:
+    """The balanceable pairs of ``model`` (not modified; its train/eval state is restored)."""
+    return plan_for(model, x)[0]
+
+
+def plan_for(model: nn.Module, x) -> tuple[Plan, str, str | None]:
+    """(plan, path, why the graph path was not taken): read off the torch.fx graph when it traces and
+    computes what the model computes on the probe, else off the autograd graph of one probe forward."""
+    gm, problem = _graph_of(model, x)
+    if problem is None:
+        return _fx_plan(gm), "fx", None
+    from normsurgeon.passes.equalize_swap import swap_plan
+
+    return swap_plan(model, x), "module-swap", problem
+
+
+def _graph_of(model: nn.Module, x) -> tuple[fx.GraphModule | None, str | None]:
     traced = try_trace(model, x)
     if not traced.ok:
-        raise TraceError(f"equalize needs a torch.fx-traceable model: {traced.error}")
+        return None, f"torch.fx cannot trace: {traced.error}"
     gm = traced.graph_module
     was = model.training
     try:
@@ -214,9 +245,10 @@ def build_plan(model: nn.Module, x: torch.Tensor) -> Plan:
                 problem = f"the traced graph fails on the probe input ({type(e).__name__}: {first_line(e)})"
     finally:
         model.train(was)
-    if problem is not None:  # a plan read off a graph that is not the model would not be exact
-        raise TraceError(f"equalize needs a torch.fx graph that computes what the model does, and {problem}; "
-                         "fold and convert take their module-swap path on such models, equalize has none")
+    return gm, problem
+
+
+def _fx_plan(gm: fx.GraphModule) -> Plan:
     modules = dict(gm.named_modules())
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -343,12 +375,13 @@ def equalize(model: nn.Module, *, iters: int = 10, c: float = 1.0, verify: bool 
     x, _ = resolve(model, tuple(input_shape) if input_shape else None, example_inputs)
     x, _ = run_probe(model, x)  # the model must run on the probe: else the shape is the user's to fix
     new = copy.deepcopy(model)
-    plan = build_plan(new, x)
+    plan, path, fallback = plan_for(new, x)
     before = weight_norm(new)
     for _ in range(iters):
         sweep(new, plan, c)
     after = weight_norm(new)
-    changes = list(plan.skipped)
+    changes = [Change("<model>", "fallback", detail=fallback)] if fallback else []
+    changes += plan.skipped
     for pair in plan.pairs:
         changes.append(Change(pair.producer, "equalized", f"{pair.channels} channels", "",
                               "balanced against " + ", ".join(cn.name for cn in pair.consumers)))
@@ -361,7 +394,7 @@ def equalize(model: nn.Module, *, iters: int = 10, c: float = 1.0, verify: bool 
     provenance.record(new, model, "equalize",
                       {"replay": False, "iters": iters, "c": c, "input_shape": list(input_shape_of(x))})
     return SurgeryResult(
-        model=new, changes=changes, verb="equalize", path="fx", verification=ver,
+        model=new, changes=changes, verb="equalize", path=path, verification=ver,
         info={"weight_norm_before": before, "weight_norm_after": after, "iters": iters, "c": c,
               "pairs": len(plan.pairs), "skipped": len(plan.skipped), "input_shape": list(input_shape_of(x))},
     )
