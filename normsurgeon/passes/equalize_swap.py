@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from normsurgeon.graph.autograd_walk import users_of
 from normsurgeon.graph.inputs import call, map_input
 from normsurgeon.graph.verify import flatten_outputs
 from normsurgeon.passes.equalize import _WEIGHT_TYPES, Consumer, Pair, Plan, _channels, _producer_kind
@@ -75,25 +76,6 @@ def _record(model: nn.Module, x, watched: dict[str, nn.Module]) -> tuple[dict[st
     return recs, roots
 
 
-def _users(roots) -> tuple[dict[int, list], set[int]]:
-    """Forward adjacency of the autograd graph reachable from the outputs, and the output nodes."""
-    users: dict[int, list] = {}
-    seen: set[int] = set()
-    stack = list(roots)
-    keep_alive = []
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        keep_alive.append(node)
-        for nxt, _ in getattr(node, "next_functions", ()):
-            if nxt is not None:
-                users.setdefault(id(nxt), []).append(node)
-                stack.append(nxt)
-    return users, {id(r) for r in roots}
-
-
 def _mean_is_spatial(node) -> bool:
     sizes = tuple(node._saved_self_sym_sizes)
     dims = {d % len(sizes) for d in node._saved_dim}
@@ -147,7 +129,7 @@ def swap_plan(model: nn.Module, x) -> Plan:
     """The balanceable pairs of ``model`` (left unchanged; train/eval restored), from its autograd graph."""
     watched = {n: m for n, m in model.named_modules() if _producer_kind(m) is not None or type(m) in _WEIGHT_TYPES}
     recs, roots = _record(model, x, watched)
-    users, root_ids = _users(roots)
+    users, root_ids = users_of(roots), {id(r) for r in roots}
     # (node feeding a conv/linear, that module's own output node) -> the module: a module's input edge
     by_in = {(id(r.in_fn), id(r.out_fn)): n for n, r in recs.items()
              if type(r.module) in _WEIGHT_TYPES and r.in_fn is not None and r.out_fn is not None}

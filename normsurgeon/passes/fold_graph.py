@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from normsurgeon.graph.autograd_walk import users_of
 from normsurgeon.graph.functional_bn import read_functional_bn
 from normsurgeon.graph.trace import node_label
 from normsurgeon.graph.modules import describe, matches
@@ -336,17 +337,8 @@ def swap_sites(model: nn.Module, x: torch.Tensor, keep, changes: list[Change]) -
 
 def _in_degrees(roots) -> dict[int, int]:
     deg: Counter = Counter(id(r) for r in roots)
-    seen, stack, keep_alive = set(), list(roots), []
-    while stack:
-        n = stack.pop()
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        keep_alive.append(n)
-        for nxt, _ in getattr(n, "next_functions", ()):
-            if nxt is not None:
-                deg[id(nxt)] += 1
-                stack.append(nxt)
+    for key, consumers in users_of(roots).items():
+        deg[key] += len(consumers)
     return deg
 
 
