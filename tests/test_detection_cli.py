@@ -36,7 +36,7 @@ def test_export_refuses_detection_in_one_line(tmp_path):
 def test_segmentation_dict_output_exports_verified(tmp_path):
     out = tmp_path / "s.onnx"
     r = run_cli("export", "torchvision:lraspp_mobilenet_v3_large", "-o", str(out), "--input-shape", "1,3,64,64",
-                "--exporter", "torchscript", "--verify", "--json", cwd=tmp_path)
+                "--exporter", "torchscript", "--verify", "--json", cwd=tmp_path, real=True)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["verification"]["ok"] and d["batchnorm_nodes"] == 0 and d["fold"]["path"] == "fx"

@@ -68,7 +68,7 @@ def decode_png(data: bytes):
 def test_json_png_and_html(model_file, tmp_path):
     png, page = tmp_path / "d.png", tmp_path / "d.html"
     p = run_cli("diagnose", model_file, *ARGS, "--teacher", model_file, "--json", "--plot", str(png),
-                "--html", str(page), cwd=tmp_path)
+                "--html", str(page), cwd=tmp_path, real=True)
     assert p.returncode == 0, p.stderr
     rep = json.loads(p.stdout)
     assert [r["name"] for r in rep["layers"]] == ["1", "5", "9"]

@@ -35,7 +35,7 @@ def test_json_report_and_evaluate_teacher(files, tmp_path):
     student, teacher = files
     out = tmp_path / "d.pt"
     r = run_cli("distill", str(student), "--teacher", str(teacher), "--data", "digits:train", "-o", str(out),
-                "--steps", "40", "--batch-size", "32", "--lr", "3e-3", "--json")
+                "--steps", "40", "--batch-size", "32", "--lr", "3e-3", "--json", real=True)
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""  # no progress bar on a pipe
     rep = json.loads(r.stdout)

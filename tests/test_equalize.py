@@ -80,7 +80,7 @@ def test_grouped_consumer_and_flatten_into_linear():
 def test_cli_equalize(tmp_path):
     out = tmp_path / "eq.pt"
     r = run_cli("equalize", "torchvision:squeezenet1_1", "--input-shape", "1,3,64,64", "--iters", "3",
-                "-o", str(out), "--json")
+                "-o", str(out), "--json", real=True)
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["verification"]["ok"] and rep["info"]["weight_norm_after"] < rep["info"]["weight_norm_before"]

@@ -13,7 +13,7 @@ from tests.util import run_cli
 def test_cli_fold_json_saves_replayable_model(tmp_path):
     out = tmp_path / "f.pt"
     r = run_cli("fold", "torchvision:resnet18", "-o", str(out), "--input-shape", "1,3,32,32", "--verify", "--json",
-                cwd=tmp_path)
+                cwd=tmp_path, real=True)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["verb"] == "fold" and d["path"] == "fx" and d["summary"] == {"folded": 20}

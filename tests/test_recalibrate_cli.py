@@ -20,7 +20,7 @@ def model_file(tmp_path_factory):
 def test_recalibrate_then_evaluate_same_noise_instance(model_file, tmp_path):
     out = tmp_path / "out.pt"
     r = run_cli("recalibrate", str(model_file), "--data", "digits:train", "-o", str(out), "--noise", "weight:0.1",
-                "--noise-seed", "5", "--samples", "640", "--batch-size", "64", "--json")
+                "--noise-seed", "5", "--samples", "640", "--batch-size", "64", "--json", real=True)
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""  # no progress bar (nor its blank line) when stderr is not a terminal
     rep = json.loads(r.stdout)
@@ -32,7 +32,7 @@ def test_recalibrate_then_evaluate_same_noise_instance(model_file, tmp_path):
     saved = load_model(str(out))
     for k, v in api.state_dict().items():
         torch.testing.assert_close(saved.state_dict()[k], v, rtol=1e-5, atol=1e-6)
-    e = run_cli("evaluate", str(out), "--data", "digits:test", "--noise", "weight:0.1", "--noise-seed", "5", "--json")
+    e = run_cli("evaluate", str(out), "--data", "digits:test", "--noise", "weight:0.1", "--noise-seed", "5", "--json", real=True)
     assert e.returncode == 0, e.stderr
     assert e.stderr == ""
     got = json.loads(e.stdout)

@@ -7,7 +7,8 @@ import sys
 import onnx
 import pytest
 
-from tests.util import assert_one_error_line, run_cli
+from tests.util import assert_one_error_line
+from tests.util import run_cli as _run_cli
 
 MYMODELS = '''
 import torch
@@ -28,6 +29,11 @@ class TinyNet(nn.Module):
 def build():
     return TinyNet()
 '''
+
+
+def run_cli(*args, **kw):
+    """A user's story runs the real command in a fresh interpreter each time."""
+    return _run_cli(*args, real=True, **kw)
 
 
 @pytest.fixture()

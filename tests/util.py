@@ -1,9 +1,12 @@
 """Helpers shared by test files (import as ``from tests.util import ...``)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,8 +31,21 @@ def randomize_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def run_cli(*args: str, cwd: str | Path | None = None, env: dict | None = None, timeout: int = 600):
-    """Run ``python -m normsurgeon ARGS`` in a subprocess; returns CompletedProcess (text)."""
+def run_cli(*args: str, cwd: str | Path | None = None, env: dict | None = None, timeout: int = 600,
+            real: bool = False):
+    """``normsurgeon ARGS``; returns an object with ``returncode``, ``stdout`` and ``stderr``.
+
+    In this process by default (the CLI's own entry point, ``normsurgeon.cli.app.run``, with stdout and
+    stderr captured, the working directory, environment, ``sys.path`` and modules imported from
+    temporary folders restored afterwards). ``real=True`` (or a ``PYTHONPATH`` in ``env``) runs
+    ``python -m normsurgeon`` in a subprocess instead: for what only a fresh interpreter shows (what is
+    imported, what reaches stderr from warnings and loggers, signals, the module entry point)."""
+    if real or (env and "PYTHONPATH" in env):
+        return _run_subprocess(args, cwd, env, timeout)
+    return _run_here(args, cwd, env)
+
+
+def _run_subprocess(args, cwd, env, timeout):
     e = dict(os.environ)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e.setdefault("COLUMNS", "200")
@@ -39,6 +55,32 @@ def run_cli(*args: str, cwd: str | Path | None = None, env: dict | None = None, 
         [sys.executable, "-m", "normsurgeon", *args], cwd=cwd, env=e,
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+def _run_here(args, cwd, env):
+    from normsurgeon.cli.app import run
+
+    out, err = io.StringIO(), io.StringIO()
+    old_cwd, old_env, old_path = os.getcwd(), dict(os.environ), list(sys.path)
+    old_modules, threads = set(sys.modules), torch.get_num_threads()
+    os.environ.setdefault("COLUMNS", "200")
+    os.environ.update(env or {})
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = run([str(a) for a in args])
+    finally:
+        os.chdir(old_cwd)
+        os.environ.clear()
+        os.environ.update(old_env)
+        sys.path[:] = old_path
+        tmp = tempfile.gettempdir()
+        for name in set(sys.modules) - old_modules:  # factories imported from test folders: not cached
+            if (getattr(sys.modules[name], "__file__", None) or "").startswith(tmp):
+                del sys.modules[name]
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def assert_one_error_line(proc, *needles) -> None:
