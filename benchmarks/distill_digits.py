@@ -5,7 +5,7 @@ Teachers are trained here with BN to convergence on ``digits:train`` (``examples
 and a ResNet-18-width residual network on digits at 32x32 (``examples/digits_resnet.py``). Each
 recipe converts the teacher, then ``normsurgeon.distill`` trains the student on the *inputs* of
 ``digits:train`` only (labels are withheld: the data passed is the tensor x), with the tool's defaults
-(moment-init, then KL output matching on mixed-up inputs, AdamW, cosine) at the given steps and batch; one row per
+(moment-init, then KL output matching plus the layer-wise term on mixed-up inputs, AdamW, cosine) at the given steps and batch; one row per
 (model, recipe, seed), where the seed sets the data order. Accuracy and agreement (top-1 equal to the
 teacher's) are measured on ``digits:test``. ``--inversion N`` adds data-free rows (``inversion:N``,
 no real inputs at all). ``--no-init`` / ``--no-mixup`` rows measure those stages' effect.
@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--no-init", action="store_true", help="skip the moment-init stage (ablation)")
     ap.add_argument("--no-mixup", action="store_true", help="no input mixup (ablation)")
+    ap.add_argument("--feature-weight", type=float, default=None,
+                    help="weight of the layer-wise term (default: the tool's; 0 = outputs only)")
     ap.add_argument("--inversion", type=int, default=0, help="data-free rows with inversion:N instead of digits:train")
     ap.add_argument("--inv", action="append", default=[], metavar="KEY=VALUE",
                     help="a synthesis setting for --inversion (iterations, lr, ce, tv, l2, jitter, first_bn, "
@@ -86,6 +88,7 @@ def main() -> None:
           f"{'inversion:%d' % args.inversion if args.inversion else 'digits:train inputs (no labels)'}; "
           f"steps {args.steps}, batch {args.batch_size}, lr {args.lr:g}, init {'off' if args.no_init else 'on'}, "
           f"mixup {'off' if args.no_mixup else 'on'}, "
+          f"feature weight {'default' if args.feature_weight is None else args.feature_weight}, "
           f"{'synthesis ' + str(inv_opts) + ', ' if inv_opts else ''}"
           f"{args.threads} thread(s)")
     print("| model | recipe | seed | converted acc | converted agree | distilled acc | distilled agree | "
@@ -98,6 +101,7 @@ def main() -> None:
             t0 = time.perf_counter()
             res = normsurgeon.distill(student, teacher, data, steps=args.steps, batch_size=args.batch_size,
                                       lr=args.lr, seed=seed, init=not args.no_init, mixup=not args.no_mixup, input_shape=(1, 1, 16, 16),
+                                      **({} if args.feature_weight is None else {"feature_weight": args.feature_weight}),
                                       inversion_options=inv_opts or None)
             sec = time.perf_counter() - t0
             acc, agree = scores(res.model, teacher, test)

@@ -1,7 +1,8 @@
 """Cost of a distill step vs a plain supervised training step of the same student at the same batch.
 
 A distill step (``normsurgeon.distillation.loop.train``, the code ``distill`` runs) = teacher forward
-without gradients + student forward/backward on the KL loss + AdamW. The supervised step = student
+without gradients + student forward/backward on the KL loss and the layer-wise term (at the tool's
+default weight; ``--feature-weight 0`` for outputs only) + AdamW. The supervised step = student
 forward/backward on cross-entropy with labels + AdamW, same batch and data order. Rounds alternate
 (distill, supervised, distill, ...) so a busy machine slows both alike; each round times ``--steps``
 steps; the table gives the median and range of per-step times and of the per-round ratio.
@@ -25,6 +26,7 @@ import normsurgeon  # noqa: E402
 from examples.digits_resnet import digits_resnet  # noqa: E402
 from normsurgeon.calibrate.data import load_digits  # noqa: E402
 from normsurgeon.calibrate.digits_cnn import digits_cnn  # noqa: E402
+from normsurgeon.distillation.api import DEFAULTS  # noqa: E402
 from normsurgeon.distillation.loop import BatchOrder, LoopConfig, make_optimizer, train  # noqa: E402
 
 
@@ -58,6 +60,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--feature-weight", type=float, default=DEFAULTS["feature_weight"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -66,7 +69,7 @@ def main() -> None:
     teacher.requires_grad_(False)
     data = load_digits("train")
     cfg = LoopConfig(steps=args.steps, batch_size=args.batch_size, lr=1e-4, weight_decay=0.0, warmup=1, seed=0,
-                     loss="auto", temperature=1.0)
+                     loss="auto", temperature=1.0, features=args.feature_weight)
     distill_round(student, teacher, data, LoopConfig(**{**cfg.__dict__, "steps": 3}))  # warm-up
     supervised_round(student, data, LoopConfig(**{**cfg.__dict__, "steps": 3}))
     d, s = [], []
@@ -75,7 +78,7 @@ def main() -> None:
         s.append(supervised_round(student, data, cfg))
     ratios = [a / b for a, b in zip(d, s)]
     print(f"# {args.model}, {args.recipe}, batch {args.batch_size}, {args.rounds} interleaved rounds x {args.steps} "
-          f"steps, {args.threads} thread(s)")
+          f"steps, feature weight {args.feature_weight:g}, {args.threads} thread(s)")
     print("| step | median ms | range ms |")
     print("|---|---|---|")
     for name, v in (("distill", d), ("supervised", s)):

@@ -66,7 +66,7 @@ def _factory(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["shape", "small", "fails", "resume-none", "ckpt-exists", "inv-shape", "inv-spec",
-                                  "steps", "exists"])
+                                  "steps", "feature-weight", "exists"])
 def test_errors_one_line_nothing_written(files, tmp_path, case):
     student, teacher = files
     out = tmp_path / "o.pt"
@@ -99,6 +99,9 @@ def test_errors_one_line_nothing_written(files, tmp_path, case):
     elif case == "steps":
         args[args.index("--steps") + 1] = "0"
         needle = ["--steps"]
+    elif case == "feature-weight":
+        args += ["--feature-weight", "-1"]
+        needle = ["--feature-weight", ">= 0"]
     else:
         out.write_bytes(b"old")
         needle = ["--force"]

@@ -40,6 +40,9 @@ def register(app: typer.Typer) -> None:
         loss: str = typer.Option("auto", "--loss", help="auto (KL on (N, classes) logits, MSE otherwise), kl or mse."),
         no_init: bool = typer.Option(False, "--no-init", help="Skip the moment-init stage."),
         no_mixup: bool = typer.Option(False, "--no-mixup", help="Match on the data points only (no input mixup)."),
+        feature_weight: float = typer.Option(0.0, "--feature-weight", help="Weight of a layer-wise term that "
+                                             "also matches the student's norm outputs to the teacher's BN outputs "
+                                             "(e.g. 1); 0 matches the outputs only."),
         input_shape: Optional[str] = typer.Option(None, "--input-shape", help="inversion:N: input shape N,C,H,W "
                                                   "(N ignored; default: the model's config)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -73,7 +76,8 @@ def register(app: typer.Typer) -> None:
             bar, advance = progress_bar(steps, 0) if rank == 0 else (_null(), None)
             with bar:
                 result = distill(s, t, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
-                                 init=not no_init, mixup=not no_mixup, input_shape=shape, device=device, checkpoint=ckpt,
+                                 init=not no_init, mixup=not no_mixup, feature_weight=feature_weight,
+                                 input_shape=shape, device=device, checkpoint=ckpt,
                                  checkpoint_every=checkpoint_every, resume=resume, progress=advance)
             if rank != 0:
                 return

@@ -37,7 +37,7 @@ from normsurgeon.distillation.moment_init import moment_init
 from normsurgeon.errors import DataError, DistillError, first_line
 
 DEFAULTS = {"steps": 1000, "batch_size": 64, "lr": 3e-3, "weight_decay": 0.0, "seed": 0, "loss": "auto",
-            "temperature": 1.0}
+            "temperature": 1.0, "feature_weight": 0.0}
 INIT_SAMPLES = 512
 
 
@@ -79,6 +79,7 @@ def distill(
     seed: int = DEFAULTS["seed"],
     loss: str = DEFAULTS["loss"],
     temperature: float = DEFAULTS["temperature"],
+    feature_weight: float = DEFAULTS["feature_weight"],
     init: bool = True,
     mixup: bool = True,
     input_shape: Any = None,
@@ -99,6 +100,9 @@ def distill(
     ``resume``. ``progress(step, loss)`` is called after every step.
     """
     _check_settings(steps, batch_size, lr, temperature, checkpoint_every)
+    if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) \
+            or not math.isfinite(feature_weight) or feature_weight < 0:
+        raise DistillError(f"bad --feature-weight {feature_weight!r}: use a number >= 0 (0 matches outputs only)")
     outputs.check_loss(loss)
     dev = resolve_device(device)
     world = rank_world()[1]
@@ -137,11 +141,11 @@ def distill(
     cfg = LoopConfig(steps=steps, batch_size=batch_size, lr=float(lr), weight_decay=float(weight_decay),
                      warmup=_warmup(warmup, steps), seed=int(seed), loss=loss, temperature=float(temperature),
                      checkpoint=Path(checkpoint) if checkpoint is not None else None,
-                     checkpoint_every=int(checkpoint_every), mixup=bool(mixup))
+                     checkpoint_every=int(checkpoint_every), mixup=bool(mixup), features=float(feature_weight))
     config = {"steps": steps, "batch_size": batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
               "warmup": cfg.warmup, "seed": cfg.seed, "loss": loss, "temperature": cfg.temperature,
               "data": dataset.name, "samples": len(dataset), "init": bool(init),
-              "mixup": bool(mixup)}
+              "mixup": bool(mixup), "feature_weight": cfg.features}
     if cfg.checkpoint is not None and not resume and cfg.checkpoint.exists():
         raise DistillError(f"a checkpoint of an earlier run exists at {cfg.checkpoint}: pass --resume to continue "
                            "it, or delete it to start afresh")
@@ -180,19 +184,20 @@ def distill(
     before, stages = record["before"], list(record["stages"])
     stages.append(_stage("output-matching", record["loop_start"], final, summary["seconds"], steps=steps,
                          train_loss_first_step=summary["loss_first_step"],
-                         train_loss_last_step=summary["loss_last_step"]))
+                         train_loss_last_step=summary["loss_last_step"], feature_weight=cfg.features,
+                         layers_matched=summary["layers_matched"]))
     new.eval()
     if any(p.grad is not None for p in t_model.parameters()):
         raise AssertionError("the teacher received gradients; report this as a bug")
     provenance.record(new, student, "distill", {
         "replay": False, "teacher": (provenance.get(teacher) or {}).get("source"), "data": dataset.name,
         "steps": steps, "batch_size": batch_size, "lr": cfg.lr, "seed": cfg.seed, "loss": loss, "init": bool(init),
-        "mixup": bool(mixup),
+        "mixup": bool(mixup), "feature_weight": cfg.features,
     })
     report = {
         "steps": steps, "resumed_from_step": start_step if resume else None, "seconds": round(time.perf_counter() - started, 3),
         "train_seconds": round(summary["seconds"], 3), "batch_size": batch_size, "lr": cfg.lr, "seed": cfg.seed,
-        "loss": loss, "mixup": bool(mixup), "world_size": world, "device": str(dev), "data": dataset.name, "samples": len(dataset),
+        "loss": loss, "mixup": bool(mixup), "feature_weight": cfg.features, "world_size": world, "device": str(dev), "data": dataset.name, "samples": len(dataset),
         "eval_samples": len(ev), "labels": dataset.has_labels, "inversion": inv_report,
         "stages": stages, "before": _public(before), "after": _public(final),
         "teacher_accuracy": final["teacher_accuracy"],

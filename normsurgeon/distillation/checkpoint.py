@@ -21,7 +21,7 @@ VERSION = 1
 SUFFIX = ".ckpt"
 # settings that must match for a resumed run to be the same run
 MUST_MATCH = ("steps", "batch_size", "lr", "weight_decay", "warmup", "seed", "loss", "temperature", "data",
-              "samples", "mixup")
+              "samples", "mixup", "feature_weight")
 
 
 def path_for(output: str | os.PathLike) -> Path:

@@ -19,6 +19,7 @@ step is taken, keeping the last checkpoint, with a :class:`~normsurgeon.errors.D
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
@@ -33,6 +34,7 @@ from torch import nn
 from normsurgeon.calibrate.distributed import rank_world
 from normsurgeon.distillation import checkpoint as ckpt
 from normsurgeon.distillation import outputs
+from normsurgeon.distillation.features import FeatureTaps
 from normsurgeon.errors import DistillError, InterruptedRun
 
 SEED_STRIDE = 1_000_003
@@ -52,6 +54,7 @@ class LoopConfig:
     checkpoint: Path | None = None
     checkpoint_every: int = 100
     mixup: bool = True
+    features: float = 0.0  # weight of the layer-wise term (features.py); 0 = outputs only
 
 
 def mix(x: torch.Tensor, step: int, seed: int) -> torch.Tensor:
@@ -148,7 +151,8 @@ def train(student: nn.Module, teacher: nn.Module, dataset, cfg: LoopConfig, devi
     first = last = None
     start = time.perf_counter()
     step = start_step
-    with _StopFlag() as stop:
+    taps = FeatureTaps(student, teacher) if cfg.features > 0 else None
+    with _StopFlag() as stop, taps if taps is not None else contextlib.nullcontext():
         while step < cfg.steps:
             if stop.set:
                 _write(cfg, rank, step, config, student, optimizer, record)
@@ -163,6 +167,9 @@ def train(student: nn.Module, teacher: nn.Module, dataset, cfg: LoopConfig, devi
             with torch.no_grad():
                 t_out = teacher(x)
             loss = outputs.loss(model(x), t_out, cfg.loss, cfg.temperature)
+            layer_term = taps.loss() if taps is not None else None
+            if layer_term is not None:
+                loss = loss + cfg.features * layer_term
             value = _global_mean(loss, world)
             if not math.isfinite(value):
                 kept = f"; the last good checkpoint (step {_ckpt_step(cfg)}) is kept at {cfg.checkpoint}" \
@@ -182,7 +189,8 @@ def train(student: nn.Module, teacher: nn.Module, dataset, cfg: LoopConfig, devi
             if cfg.checkpoint is not None and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 _write(cfg, rank, step, config, student, optimizer, record)
     return {"loss_first_step": first, "loss_last_step": last, "seconds": time.perf_counter() - start,
-            "steps_run": step - start_step}
+            "steps_run": step - start_step, "layers_matched": len(taps.names) if taps is not None else 0}
+
 
 
 def _ckpt_step(cfg: LoopConfig):
