@@ -103,3 +103,29 @@ def test_term_is_a_mean_of_per_sample_terms(teacher):
 def test_bad_feature_weight(teacher, bad):
     with pytest.raises(DistillError, match="feature-weight"):
         normsurgeon.distill(teacher, teacher, load_digits("train").x, steps=1, feature_weight=bad)
+
+
+def test_resume_from_a_checkpoint_written_before_the_setting_existed(teacher, tmp_path):
+    """A checkpoint whose config has no feature_weight was a run without the layer-wise term: it resumes
+    as one, and a checkpoint whose config is not a mapping is refused with a DistillError."""
+    student = normsurgeon.convert(teacher, to="gn").model
+    x = load_digits("train").x
+    ck = tmp_path / "run.ckpt"
+    common = dict(steps=6, batch_size=32, lr=3e-3, checkpoint=ck, checkpoint_every=3)
+    whole = normsurgeon.distill(student, teacher, x, **{**common, "checkpoint": None})
+    first = normsurgeon.distill(student, teacher, x, **common)  # leaves the step-3 checkpoint
+    assert ck.exists() and first is not None
+    state = torch.load(ck, weights_only=True)
+    assert state["step"] == 3
+    del state["config"]["feature_weight"]
+    torch.save(state, ck)
+    resumed = normsurgeon.distill(student, teacher, x, resume=True, **common)
+    assert resumed.report["resumed_from_step"] == 3
+    for a, b in zip(resumed.model.parameters(), whole.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(DistillError, match="feature_weight"):
+        normsurgeon.distill(student, teacher, x, resume=True, feature_weight=1.0, **common)
+    state["config"] = ["not", "a", "mapping"]
+    torch.save(state, ck)
+    with pytest.raises(DistillError, match="not a distill checkpoint"):
+        normsurgeon.distill(student, teacher, x, resume=True, **common)

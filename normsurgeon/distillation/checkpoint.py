@@ -22,6 +22,7 @@ SUFFIX = ".ckpt"
 # settings that must match for a resumed run to be the same run
 MUST_MATCH = ("steps", "batch_size", "lr", "weight_decay", "warmup", "seed", "loss", "temperature", "data",
               "samples", "mixup", "feature_weight")
+ADDED_LATER = {"feature_weight": 0.0}  # settings older checkpoints lack, with the value those runs used
 
 
 def path_for(output: str | os.PathLike) -> Path:
@@ -50,9 +51,9 @@ def load(path: Path, config: dict) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - corrupt file
         raise DistillError(f"cannot read checkpoint {path} ({first_line(e)}); delete it and run without --resume") \
             from None
-    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT or not isinstance(ck.get("config"), dict):
         raise DistillError(f"{path} is not a distill checkpoint; delete it and run without --resume")
-    saved = ck["config"]
+    saved = {**ADDED_LATER, **ck["config"]}
     diff = [k for k in MUST_MATCH if saved.get(k) != config.get(k)]
     if diff:
         k = diff[0]
