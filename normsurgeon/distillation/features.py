@@ -13,8 +13,8 @@ mean of per-sample losses and data-parallel gradient averaging stays exact. The 
 mean over the matched layers, times a weight, added to the output loss.
 
 Off by default (weight 0): on the digits benchmark it made GroupNorm students agree with the
-teacher on every held-out sample but cost InstanceNorm students a sample or two, and it adds about a
-third to the cost of a step of a small network (docs/distill.md has the figures).
+teacher on every held-out sample but cost InstanceNorm students a sample or two, and it adds 5-20%
+to the time of a step (docs/distill.md has the figures).
 """
 from __future__ import annotations
 
