@@ -82,7 +82,7 @@ def _mean_is_spatial(node) -> bool:
     return len(sizes) > 2 and bool(dims) and min(dims) >= 2
 
 
-def _follow(start, channels: int, recs: dict[str, _Rec], users, roots, by_in) -> tuple[list, str | None]:
+def _follow(start, channels: int, batch: int, recs: dict[str, _Rec], users, roots, by_in) -> tuple[list, str | None]:
     """(consumers as (name, block), None) or (.., why the channels are tied)."""
     consumers: list[tuple[str, int]] = []
     stack = [(start, 1)]
@@ -104,7 +104,7 @@ def _follow(start, channels: int, recs: dict[str, _Rec], users, roots, by_in) ->
                 if isinstance(rec.module, _ConvNd) and block != 1:
                     return consumers, f"{name} reads a flattened tensor"
                 if isinstance(rec.module, nn.Linear):
-                    if len(rec.in_shape) != 2 or rec.in_shape[1] != channels * block:
+                    if len(rec.in_shape) != 2 or rec.in_shape != (batch, channels * block):
                         return consumers, f"{name} is a linear on a tensor it does not read channel-major"
                 consumers.append((name, block))
             elif kind in _PASS:
@@ -150,7 +150,7 @@ def swap_plan(model: nn.Module, x) -> Plan:
             skipped.append(Change(name, "skipped", type(m).__name__, "", "linear output of rank != 2"))
             continue
         channels = _channels(m)
-        found, reason = _follow(rec.out_fn, channels, recs, users, root_ids, by_in)
+        found, reason = _follow(rec.out_fn, channels, rec.out_shape[0], recs, users, root_ids, by_in)
         if reason is None and not found:
             reason = "no conv/linear consumes its output"
         if reason is not None:
