@@ -239,3 +239,22 @@ def test_did_you_mean(tmp_path, argv, needle):
     code, _, err = cli(argv, cwd=tmp_path)
     assert code == 2
     one_error_line(err, needle)
+
+
+@pytest.mark.parametrize("argv", [
+    ["convert", "normsurgeon:digits_cnn", "--to", "gn", "--input-shape", "2,1,16,16"],
+    ["fold", "normsurgeon:digits_cnn", "--input-shape", "2,1,16,16"],
+    ["equalize", "normsurgeon:digits_cnn", "--input-shape", "2,1,16,16"],
+    ["recalibrate", "normsurgeon:digits_cnn", "--data", "digits:train", "--samples", "128"],
+])
+def test_verbose_lists_what_the_summary_counts(tmp_path, argv):
+    """The summary's "(--verbose lists them)" is a promise: with --verbose every changed layer is a row."""
+    plain = run_cli(*argv, "-o", str(tmp_path / "a.pt"))
+    assert plain.returncode == 0, plain.stderr
+    assert "(--verbose lists them)" in plain.stdout
+    full = run_cli(*argv, "-o", str(tmp_path / "b.pt"), "--verbose", env={"COLUMNS": "160"})
+    assert full.returncode == 0, full.stderr
+    assert "--verbose" not in full.stdout and "action" in full.stdout
+    layers = {"1", "5", "9"} if argv[0] != "equalize" else {"0", "4", "8"}
+    rows = [ln for ln in full.stdout.splitlines() if ln.startswith("│")]
+    assert layers <= {ln.split("│")[1].strip() for ln in rows}, full.stdout

@@ -42,4 +42,4 @@ def register(app: typer.Typer) -> None:
         info = result.info
         common.render_result(result, "equalize", as_json, str(path), {
             "weight L2 norm": f"{info['weight_norm_before']:.6g} -> {info['weight_norm_after']:.6g}",
-        })
+        }, verbose=verbose)
