@@ -76,18 +76,44 @@ def test_bad_data_one_error_line_nothing_written(model_file, tmp_path, case):
     assert not list(tmp_path.glob(".out.pt*"))
 
 
-def test_every_statistics_path_needs_no_compiler(model_file, tmp_path):
-    """No C compiler anywhere: recalibrate (the verb that once compiled a kernel) and evaluate run with
-    CC=false and a PATH holding only the interpreter's folder."""
+def _no_compiler_env() -> dict:
     import os
     import sys
 
-    env = {"CC": "false", "PATH": os.path.dirname(sys.executable)}
+    return {"CC": "false", "CXX": "false", "PATH": os.path.dirname(sys.executable)}
+
+
+def test_every_statistics_path_needs_no_compiler(model_file, tmp_path):
+    """No C compiler anywhere: recalibrate (the verb that once compiled a kernel) and evaluate run in a
+    fresh interpreter with CC=false and a PATH holding only the interpreter's folder."""
+    env = _no_compiler_env()
     out = tmp_path / "r.pt"
     r = run_cli("recalibrate", str(model_file), "--data", "digits:train", "--samples", "128", "-o", str(out),
-                "--json", env=env)
+                "--json", env=env, real=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["summary"] == {"recalibrated": 3}
-    e = run_cli("evaluate", str(out), "--data", "digits:test", "--json", env=env)
+    e = run_cli("evaluate", str(out), "--data", "digits:test", "--json", env=env, real=True)
     assert e.returncode == 0, e.stderr
     assert json.loads(e.stdout)["accuracy"] > 0.8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verb", ["inspect", "convert", "fold", "equalize", "export", "bench", "distill", "diagnose"])
+def test_every_verb_needs_no_compiler(model_file, tmp_path, verb):
+    """The other verbs, each in a fresh interpreter with no compiler reachable."""
+    shape = ["--input-shape", "2,1,16,16"]
+    out = ["-o", str(tmp_path / ("o.onnx" if verb == "export" else "o.pt"))]
+    argv = {
+        "inspect": ["inspect", str(model_file), *shape, "--json"],
+        "convert": ["convert", str(model_file), "--to", "gn+ws", *shape, *out, "--json"],
+        "fold": ["fold", str(model_file), *shape, *out, "--verify", "--json"],
+        "equalize": ["equalize", str(model_file), *shape, *out, "--verify", "--json"],
+        "export": ["export", str(model_file), *shape, *out, "--verify", "--json"],
+        "bench": ["bench", str(model_file), *shape, "--runs", "2", "--warmup", "0", "--batch-size", "1", "--json"],
+        "distill": ["distill", str(model_file), "--teacher", str(model_file), "--data", "digits:train", "--steps", "2",
+                    *out, "--json"],
+        "diagnose": ["diagnose", str(model_file), "--data", "digits:test", "--samples", "64", "--json"],
+    }[verb]
+    r = run_cli(*argv, env=_no_compiler_env(), real=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout[r.stdout.index("{"):])["verb"] == verb
