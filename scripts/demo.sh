@@ -15,6 +15,7 @@ set -x
 "${NS[@]}" fold out/resnet50_gnws.pt -o out/resnet50_deploy.pt --force --verify
 "${NS[@]}" export out/resnet50_deploy.pt -o out/resnet50_deploy.onnx --force --verify
 .venv/bin/python examples/digits_teacher.py out/digits_bn.pt
+"${NS[@]}" evaluate out/digits_bn.pt --data digits:test
 "${NS[@]}" convert out/digits_bn.pt --to gn+ws -o out/digits_gnws.pt --input-shape 2,1,16,16 --force
 "${NS[@]}" evaluate out/digits_gnws.pt --data digits:test --teacher out/digits_bn.pt
 "${NS[@]}" distill out/digits_gnws.pt --teacher out/digits_bn.pt --data digits:train --steps 600 -o out/digits_healed.pt --force
