@@ -21,6 +21,36 @@ def model_arg() -> Any:
     return typer.Argument(..., metavar="MODEL", help=MODEL_HELP, show_default=False)
 
 
+def noise_opt() -> Any:
+    return typer.Option(None, "--noise", help="Simulated analog noise: weight:ETA = Gaussian noise with std "
+                        "ETA*max|W| per conv/linear layer.")
+
+
+def noise_mode_opt() -> Any:
+    return typer.Option("fixed", "--noise-mode", help="fixed: one noise instance (a given chip); resample: fresh "
+                        "noise per batch (statistics for any chip).")
+
+
+def noise_seed_opt() -> Any:
+    return typer.Option(None, "--noise-seed", help="Noise instance (fixed) or stream (resample); default 0.")
+
+
+def noise_samples_opt() -> Any:
+    return typer.Option(1, "--noise-samples", help="resample: noise draws per batch (K).")
+
+
+def image_size_opt() -> Any:
+    return typer.Option(None, "--image-size", help="Image folders: resize and crop to this (default 224).")
+
+
+def mean_opt() -> Any:
+    return typer.Option(None, "--mean", help="Image folders: per-channel mean (default ImageNet's).")
+
+
+def std_opt() -> Any:
+    return typer.Option(None, "--std", help="Image folders: per-channel std (default ImageNet's).")
+
+
 def weights_opt() -> Any:
     return typer.Option(None, "--weights", help="A state_dict to load (.pt/.pth weights-only, or .safetensors).")
 

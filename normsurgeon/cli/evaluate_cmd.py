@@ -20,9 +20,9 @@ def register(app: typer.Typer) -> None:
                                        "--noise-mode fixed gives the same instance; default 0."),
         batch_size: int = typer.Option(256, "--batch-size", help="Samples per forward pass."),
         samples: Optional[int] = typer.Option(None, "--samples", help="Use at most this many samples."),
-        image_size: Optional[int] = typer.Option(None, "--image-size", help="Image folders: resize and crop to this (default 224)."),
-        mean: Optional[str] = typer.Option(None, "--mean", help="Image folders: per-channel mean (default ImageNet's)."),
-        std: Optional[str] = typer.Option(None, "--std", help="Image folders: per-channel std (default ImageNet's)."),
+        image_size: Optional[int] = common.image_size_opt(),
+        mean: Optional[str] = common.mean_opt(),
+        std: Optional[str] = common.std_opt(),
         teacher: Optional[str] = typer.Option(None, "--teacher", help="Also report top-1 agreement with this "
                                               "model and the mean output difference (e.g. after distill)."),
         weights: Optional[str] = common.weights_opt(),
