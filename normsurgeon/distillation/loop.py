@@ -192,7 +192,6 @@ def train(student: nn.Module, teacher: nn.Module, dataset, cfg: LoopConfig, devi
             "steps_run": step - start_step, "layers_matched": len(taps.names) if taps is not None else 0}
 
 
-
 def _ckpt_step(cfg: LoopConfig):
     try:
         return int(torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)["step"])
