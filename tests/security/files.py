@@ -1,10 +1,7 @@
 """Attack files for the security tests: files normsurgeon wrote, then edited as an attacker would."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +9,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from normsurgeon.cli.app import run
 from normsurgeon.model_io import FORMAT_KEY, META_KEY
 from tests.util import run_cli
 
@@ -64,16 +60,8 @@ def edit_payload(path: Path, change: Callable[[dict], None], out: Path) -> Path:
 
 def cli(argv: list[str], cwd: Path | None = None) -> tuple[int, str, str]:
     """The real command line, in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    old = os.getcwd()
-    try:
-        if cwd is not None:
-            os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = run(argv)
-    finally:
-        os.chdir(old)
-    return code, out.getvalue(), err.getvalue()
+    r = run_cli(*argv, cwd=cwd)
+    return r.returncode, r.stdout, r.stderr
 
 
 def one_error_line(err: str, *needles: str) -> str:
