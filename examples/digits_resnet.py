@@ -67,25 +67,11 @@ def train_teacher(model: nn.Module, steps: int = 600, seed: int = 0, lr: float =
                   weight_decay: float = 5e-4) -> nn.Module:
     """Train ``model`` (with BN) on digits:train to convergence (cosine lr to 0); returns it in eval mode."""
     from normsurgeon.calibrate.data import load_digits
+    from normsurgeon.calibrate.digits_cnn import fit_digits
 
-    train = load_digits("train")
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    model.train()
-    step = 0
-    while step < steps:
-        order = torch.randperm(len(train), generator=g)
-        for i in range(0, len(train) - batch + 1, batch):
-            for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-            x, y = train.take(order[i:i + batch])
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if step == steps:
-                break
+    fit_digits(model, load_digits("train"), steps, g, lr=lr, momentum=0.9, weight_decay=weight_decay, batch=batch,
+               lr_at=lambda step: lr * 0.5 * (1 + math.cos(math.pi * step / steps)))
     return model.eval()
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from typing import Callable
 
 import torch
 from torch import nn
@@ -54,6 +55,31 @@ def digits_cnn(widths: tuple[int, int, int] = WIDTHS, classes: int = 10) -> nn.S
     )
 
 
+def fit_digits(model: nn.Module, train, steps: int, g: torch.Generator, *, lr: float, momentum: float,
+               weight_decay: float, batch: int, lr_at: Callable[[int], float] | None = None) -> nn.Module:
+    """SGD with cross-entropy on ``train`` (a digits Dataset) for ``steps`` steps of ``batch`` samples,
+    epochs in the order ``g`` draws (a remainder smaller than a batch is left out). ``lr_at(step)``,
+    when given, sets the learning rate before each step. Returns ``model`` (left in train mode)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    model.train()
+    step = 0
+    while step < steps:
+        order = torch.randperm(len(train), generator=g)
+        for i in range(0, len(train) - batch + 1, batch):
+            if lr_at is not None:
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step)
+            x, y = train.take(order[i:i + batch])
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step == steps:
+                break
+    return model
+
+
 @functools.lru_cache(maxsize=4)
 def _trained_state(seed: int, steps: int) -> dict[str, torch.Tensor]:
     from normsurgeon.calibrate.data import load_digits
@@ -66,20 +92,7 @@ def _trained_state(seed: int, steps: int) -> dict[str, torch.Tensor]:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = digits_cnn()
-            opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-            model.train()
-            step = 0
-            while step < steps:
-                order = torch.randperm(len(train), generator=g)
-                for i in range(0, len(train) - BATCH + 1, BATCH):
-                    x, y = train.take(order[i:i + BATCH])
-                    loss = nn.functional.cross_entropy(model(x), y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    step += 1
-                    if step == steps:
-                        break
+            fit_digits(model, train, steps, g, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, batch=BATCH)
     finally:
         torch.set_num_threads(threads)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
