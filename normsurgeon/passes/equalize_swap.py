@@ -13,15 +13,11 @@ Conservative by construction: an autograd node type not listed below blocks the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from normsurgeon.graph.autograd_walk import users_of
-from normsurgeon.graph.inputs import call, map_input
-from normsurgeon.graph.verify import flatten_outputs
+from normsurgeon.graph.autograd_walk import Call, record_calls, users_of
 from normsurgeon.passes.equalize import _WEIGHT_TYPES, Consumer, Pair, Plan, _channels, _producer_kind
 from normsurgeon.report import Change
 
@@ -38,51 +34,13 @@ _MEAN = "MeanBackward1"
 _TIES = {"AddBackward0": "reaches a residual add", "CatBackward0": "reaches a concat"}
 
 
-@dataclass
-class _Rec:
-    module: nn.Module
-    in_fn: object
-    out_fn: object
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    calls: int = 1
-
-
-def _record(model: nn.Module, x, watched: dict[str, nn.Module]) -> tuple[dict[str, _Rec], list]:
-    """One eval forward with autograd on; per watched module its first call's graph nodes and shapes."""
-    recs: dict[str, _Rec] = {}
-    names = {id(m): n for n, m in watched.items()}
-
-    def hook(mod, args, out):
-        name = names[id(mod)]
-        if name in recs:
-            recs[name].calls += 1
-            return
-        t = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if t is not None and isinstance(out, torch.Tensor):
-            recs[name] = _Rec(mod, t.grad_fn, out.grad_fn, tuple(t.shape), tuple(out.shape))
-
-    handles = [m.register_forward_hook(hook) for m in watched.values()]
-    was = model.training
-    try:
-        model.eval()
-        with torch.enable_grad():
-            out = call(model, map_input(x, lambda t: t.detach().clone().requires_grad_(True) * 1.0))
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
-    roots = [t.grad_fn for t in flatten_outputs(out) if t.grad_fn is not None]
-    return recs, roots
-
-
 def _mean_is_spatial(node) -> bool:
     sizes = tuple(node._saved_self_sym_sizes)
     dims = {d % len(sizes) for d in node._saved_dim}
     return len(sizes) > 2 and bool(dims) and min(dims) >= 2
 
 
-def _follow(start, channels: int, batch: int, recs: dict[str, _Rec], users, roots, by_in) -> tuple[list, str | None]:
+def _follow(start, channels: int, batch: int, recs: dict[str, Call], calls, users, roots, by_in) -> tuple[list, str | None]:
     """(consumers as (name, block), None) or (.., why the channels are tied)."""
     consumers: list[tuple[str, int]] = []
     stack = [(start, 1)]
@@ -99,8 +57,8 @@ def _follow(start, channels: int, batch: int, recs: dict[str, _Rec], users, root
             kind = type(user).__name__
             if name is not None:
                 rec = recs[name]
-                if rec.calls != 1:
-                    return consumers, f"consumer {name} is called {rec.calls} times"
+                if calls[name] != 1:
+                    return consumers, f"consumer {name} is called {calls[name]} times"
                 if isinstance(rec.module, _ConvNd) and block != 1:
                     return consumers, f"{name} reads a flattened tensor"
                 if isinstance(rec.module, nn.Linear):
@@ -128,7 +86,12 @@ def _follow(start, channels: int, batch: int, recs: dict[str, _Rec], users, root
 def swap_plan(model: nn.Module, x) -> Plan:
     """The balanceable pairs of ``model`` (left unchanged; train/eval restored), from its autograd graph."""
     watched = {n: m for n, m in model.named_modules() if _producer_kind(m) is not None or type(m) in _WEIGHT_TYPES}
-    recs, roots = _record(model, x, watched)
+    was = model.training
+    try:
+        model.eval()
+        recs, calls, roots = record_calls(model, x, watched)
+    finally:
+        model.train(was)
     users, root_ids = users_of(roots), {id(r) for r in roots}
     # (node feeding a conv/linear, that module's own output node) -> the module: a module's input edge
     by_in = {(id(r.in_fn), id(r.out_fn)): n for n, r in recs.items()
@@ -143,14 +106,14 @@ def swap_plan(model: nn.Module, x) -> Plan:
         if rec is None or rec.out_fn is None:
             skipped.append(Change(name, "skipped", type(m).__name__, "", "not called on the probe input"))
             continue
-        if rec.calls != 1:
-            skipped.append(Change(name, "skipped", type(m).__name__, "", f"called {rec.calls} times (shared module)"))
+        if calls[name] != 1:
+            skipped.append(Change(name, "skipped", type(m).__name__, "", f"called {calls[name]} times (shared module)"))
             continue
         if isinstance(m, nn.Linear) and len(rec.out_shape) != 2:
             skipped.append(Change(name, "skipped", type(m).__name__, "", "linear output of rank != 2"))
             continue
         channels = _channels(m)
-        found, reason = _follow(rec.out_fn, channels, rec.out_shape[0], recs, users, root_ids, by_in)
+        found, reason = _follow(rec.out_fn, channels, rec.out_shape[0], recs, calls, users, root_ids, by_in)
         if reason is None and not found:
             reason = "no conv/linear consumes its output"
         if reason is not None:

@@ -22,12 +22,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from normsurgeon.graph.autograd_walk import users_of
+from normsurgeon.graph.autograd_walk import record_calls, users_of
 from normsurgeon.graph.functional_bn import read_functional_bn
 from normsurgeon.graph.trace import node_label
 from normsurgeon.graph.modules import describe, matches
-from normsurgeon.graph.inputs import call, map_input
-from normsurgeon.graph.verify import flatten_outputs
 from normsurgeon.passes import fold_math as fm
 from normsurgeon.passes.fold_rules import affine_rule, extras, not_foldable_reason
 from normsurgeon.report import Change
@@ -266,17 +264,7 @@ def _fx_sinks(site: Site, modules, calls) -> None:
     site.sinks = names
 
 
-
-
 # ------------------------------------------------------------------------------ module-swap path
-@dataclass
-class _Call:
-    in_fn: Any
-    out_fn: Any
-    in_rank: int | None
-    out_rank: int | None
-
-
 def swap_sites(model: nn.Module, x: torch.Tensor, keep, changes: list[Change]) -> tuple[list[Site], Counter]:
     """Sites of a model that fx cannot trace, in call order, linked through the autograd graph."""
     modules = dict(model.named_modules())
@@ -289,31 +277,9 @@ def swap_sites(model: nn.Module, x: torch.Tensor, keep, changes: list[Change]) -
         if site is not None:
             site_mods[name] = site
     layers = {n for n, m in modules.items() if fm.foldable_layer(m, backward=True)}
-    watched = set(site_mods) | layers
-    calls: Counter = Counter()
-    records: dict[str, _Call] = {}
-    order: list[str] = []
-    names = {id(m): n for n, m in modules.items()}
-
-    def hook(mod, args, out):
-        name = names.get(id(mod))
-        if name not in watched:
-            return
-        calls[name] += 1
-        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        if name not in records and t is not None and isinstance(out, torch.Tensor):
-            records[name] = _Call(t.grad_fn, out.grad_fn, t.dim(), out.dim())
-            order.append(name)
-
-    handles = [modules[n].register_forward_hook(hook) for n in watched]
-    try:
-        with torch.enable_grad():
-            out = call(model, map_input(x, lambda t: t.detach().clone().requires_grad_(True) * 1.0))
-    finally:
-        for h in handles:
-            h.remove()
-    outs = [t for t in flatten_outputs(out) if t.grad_fn is not None]
-    indeg = _in_degrees([t.grad_fn for t in outs])
+    records, calls, roots = record_calls(model, x, {n: modules[n] for n in set(site_mods) | layers})
+    order = list(records)
+    indeg = _in_degrees(roots)
     producer_of = {}
     for n in order:
         rec = records[n]
