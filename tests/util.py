@@ -6,7 +6,6 @@ import io
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -63,6 +62,7 @@ def _run_here(args, cwd, env):
     out, err = io.StringIO(), io.StringIO()
     old_cwd, old_env, old_path = os.getcwd(), dict(os.environ), list(sys.path)
     old_modules, threads = set(sys.modules), torch.get_num_threads()
+    run_dir = os.path.abspath(cwd) if cwd is not None else None
     os.environ.setdefault("COLUMNS", "200")
     os.environ.update(env or {})
     try:
@@ -71,14 +71,20 @@ def _run_here(args, cwd, env):
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = run([str(a) for a in args])
     finally:
+        # factories the run imported from the folders it put on sys.path (a test's folder): not cached
+        # for the next test, which may hold another module of the same name. Never the project's own
+        # modules or installed packages (the checkout and its virtualenv may themselves be in /tmp).
+        added = {os.path.abspath(p) for p in set(sys.path) - set(old_path)}
+        added |= {run_dir} if run_dir is not None else set()
+        protected = tuple(os.path.abspath(p) + os.sep for p in (ROOT, sys.prefix, sys.base_prefix))
+        for name in set(sys.modules) - old_modules:
+            f = os.path.abspath(getattr(sys.modules[name], "__file__", None) or os.sep)
+            if not f.startswith(protected) and any(f.startswith(d + os.sep) for d in added):
+                del sys.modules[name]
         os.chdir(old_cwd)
         os.environ.clear()
         os.environ.update(old_env)
         sys.path[:] = old_path
-        tmp = tempfile.gettempdir()
-        for name in set(sys.modules) - old_modules:  # factories imported from test folders: not cached
-            if (getattr(sys.modules[name], "__file__", None) or "").startswith(tmp):
-                del sys.modules[name]
         torch.set_num_threads(threads)
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
