@@ -98,3 +98,10 @@ def input_norm_kind(value) -> str | None:
 def check_init(init: str | None) -> None:
     if init is not None and init not in INIT_CHOICES:
         raise RecipeError(f"unknown --init {init!r}; valid: {', '.join(INIT_CHOICES)}")
+
+
+def threads(value: int | None) -> None:
+    """--threads: a positive integer, or left out."""
+    from normsurgeon.threads import check
+
+    check(value)

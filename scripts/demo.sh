@@ -18,5 +18,5 @@ set -x
 "${NS[@]}" evaluate out/digits_bn.pt --data digits:test
 "${NS[@]}" convert out/digits_bn.pt --to gn+ws -o out/digits_gnws.pt --input-shape 2,1,16,16 --force
 "${NS[@]}" evaluate out/digits_gnws.pt --data digits:test --teacher out/digits_bn.pt
-"${NS[@]}" distill out/digits_gnws.pt --teacher out/digits_bn.pt --data digits:train --steps 600 -o out/digits_healed.pt --force
+"${NS[@]}" distill out/digits_gnws.pt --teacher out/digits_bn.pt --data digits:train --steps 600 --threads 1 -o out/digits_healed.pt --force
 "${NS[@]}" evaluate out/digits_healed.pt --data digits:test --teacher out/digits_bn.pt

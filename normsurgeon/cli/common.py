@@ -69,6 +69,11 @@ def input_shape_opt() -> Any:
     return typer.Option(None, "--input-shape", help="Probe input shape N,C,H,W (default: the model's own or a guess).")
 
 
+def threads_opt() -> Any:
+    return typer.Option(None, "--threads", help="CPU threads for torch (default: torch's, one per core). 1 is "
+                        "often faster for small models and on a busy machine.")
+
+
 def output_opt(required: bool = True) -> Any:
     return typer.Option(... if required else None, "-o", "--output", help="Where to write the result.",
                         show_default=False)

@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
                                               "layer by layer (e.g. the model before convert)."),
         samples: Optional[int] = typer.Option(None, "--samples", help="Use the first N samples (default: all)."),
         batch_size: int = typer.Option(64, "--batch-size", help="Samples per forward pass (results do not depend on it)."),
+        threads: Optional[int] = common.threads_opt(),
         plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG: one panel per measure against layer depth."),
         html_out: Optional[str] = typer.Option(None, "--html", help="Write one self-contained HTML page (plots, sortable table)."),
         noise: Optional[str] = common.noise_opt(),
@@ -38,11 +39,13 @@ def register(app: typer.Typer) -> None:
         channels and (with --teacher) similarity, with a verdict; see docs/diagnose.md."""
         from normsurgeon import preflight
         from normsurgeon.diagnosis.output import check_report_path, need_matplotlib
+        from normsurgeon.threads import torch_threads
 
         preflight.model_spec(model)
         if teacher is not None:
             preflight.model_spec(teacher)
         preflight.data_spec(data)
+        preflight.threads(threads)
         preflight.noise(noise)
         mean_t, std_t = floats(mean, "--mean"), floats(std, "--std")
         png = check_report_path(plot, ".png", "--plot", force) if plot is not None else None
@@ -59,7 +62,7 @@ def register(app: typer.Typer) -> None:
         dataset = load_data(data, image_size=image_size, mean=mean_t, std=std_t)
         total = len(dataset) if samples is None else min(max(samples, 0), len(dataset))
         bar, advance = progress_bar(total, "diagnosing")
-        with bar:
+        with bar, torch_threads(threads):
             result = diagnose(m, dataset, t, samples=samples, batch_size=batch_size, noise=noise,
                               noise_mode=noise_mode, noise_seed=noise_seed, noise_samples=noise_samples,
                               progress=advance)

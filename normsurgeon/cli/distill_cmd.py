@@ -38,6 +38,9 @@ def register(app: typer.Typer) -> None:
         lr: float = typer.Option(3e-3, "--lr", help="Peak AdamW learning rate (warm-up, then cosine decay to 0)."),
         seed: int = typer.Option(0, "--seed", help="Data order (and inversion) seed."),
         loss: str = typer.Option("auto", "--loss", help="auto (KL on (N, classes) logits, MSE otherwise), kl or mse."),
+        temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature of the KL loss. Higher "
+                                          "(4-8) matches more of the teacher's logits than its top class: closer "
+                                          "on long runs (2000+ steps), slower on short ones."),
         no_init: bool = typer.Option(False, "--no-init", help="Skip the moment-init stage."),
         no_mixup: bool = typer.Option(False, "--no-mixup", help="Match on the data points only (no input mixup)."),
         feature_weight: float = typer.Option(0.0, "--feature-weight", help="Weight of a layer-wise term that "
@@ -46,6 +49,7 @@ def register(app: typer.Typer) -> None:
         input_shape: Optional[str] = typer.Option(None, "--input-shape", help="inversion:N: input shape N,C,H,W "
                                                   "(N ignored; default: the model's config)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+        threads: Optional[int] = common.threads_opt(),
         checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Write OUTPUT.ckpt every K steps."),
         resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT.ckpt."),
         weights: Optional[str] = common.weights_opt(),
@@ -58,10 +62,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a batch-independent STUDENT to reproduce a BN TEACHER's outputs (label-free distillation)."""
         from normsurgeon import preflight
+        from normsurgeon.threads import torch_threads
 
         preflight.model_spec(student)
         preflight.model_spec(teacher)
         preflight.data_spec(data)
+        preflight.threads(threads)
         shape = preflight.shape(input_shape)
         common.check_output(output, force)  # every check above runs before torch is imported
         from normsurgeon.calibrate import distributed
@@ -70,13 +76,14 @@ def register(app: typer.Typer) -> None:
         from normsurgeon.model_io import save_model
 
         ckpt = checkpoint.path_for(output)
-        with distributed.process_group() as (rank, world):
+        with distributed.process_group() as (rank, world), torch_threads(threads):
             s = common.load(student, weights, trust_pickle, trust_code)
             t = common.load(teacher, teacher_weights, trust_pickle, trust_code)
             bar, advance = progress_bar(steps, 0) if rank == 0 else (_null(), None)
             with bar:
                 result = distill(s, t, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed, loss=loss,
-                                 init=not no_init, mixup=not no_mixup, feature_weight=feature_weight,
+                                 temperature=temperature, init=not no_init, mixup=not no_mixup,
+                                 feature_weight=feature_weight,
                                  input_shape=shape, device=device, checkpoint=ckpt,
                                  checkpoint_every=checkpoint_every, resume=resume, progress=advance)
             if rank != 0:

@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
         noise_seed: Optional[int] = typer.Option(None, "--noise-seed", help="Noise instance; the same seed as recalibrate "
                                        "--noise-mode fixed gives the same instance; default 0."),
         batch_size: int = typer.Option(256, "--batch-size", help="Samples per forward pass."),
+        threads: Optional[int] = common.threads_opt(),
         samples: Optional[int] = typer.Option(None, "--samples", help="Use at most this many samples."),
         image_size: Optional[int] = common.image_size_opt(),
         mean: Optional[str] = common.mean_opt(),
@@ -32,18 +33,20 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Top-1 accuracy and cross-entropy loss on labelled data."""
         from normsurgeon import preflight
+        from normsurgeon.threads import torch_threads
 
         preflight.model_spec(model)
         if teacher is not None:
             preflight.model_spec(teacher)
         preflight.data_spec(data)
+        preflight.threads(threads)
         preflight.noise(noise)
         mean_t, std_t = floats(mean, "--mean"), floats(std, "--std")  # all before torch is imported
         from normsurgeon.calibrate import distributed
         from normsurgeon.calibrate.data import load_data
         from normsurgeon.calibrate.evaluate import evaluate
 
-        with distributed.process_group() as (rank, world):
+        with distributed.process_group() as (rank, world), torch_threads(threads):
             m = common.load(model, weights, trust_pickle, trust_code)
             t = common.load(teacher, None, trust_pickle, trust_code) if teacher is not None else None
             dataset = load_data(data, image_size=image_size, mean=mean_t, std=std_t)

@@ -36,6 +36,7 @@ def register(app: typer.Typer) -> None:
         batches: Optional[int] = typer.Option(None, "--batches", help="Use at most this many batches (default: all)."),
         samples: Optional[int] = typer.Option(None, "--samples", help="Use at most this many samples (default: all)."),
         batch_size: int = typer.Option(32, "--batch-size", help="Samples per batch (per forward pass)."),
+        threads: Optional[int] = common.threads_opt(),
         noise: Optional[str] = common.noise_opt(),
         noise_mode: str = common.noise_mode_opt(),
         noise_seed: Optional[int] = common.noise_seed_opt(),
@@ -53,9 +54,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Re-estimate BatchNorm (and recipe-layer) running statistics on data, exactly pooled."""
         from normsurgeon import preflight
+        from normsurgeon.threads import torch_threads
 
         preflight.model_spec(model)
         preflight.data_spec(data)
+        preflight.threads(threads)
         preflight.noise(noise)
         mean_t, std_t = floats(mean, "--mean"), floats(std, "--std")
         common.check_output(output, force)  # every check above runs before torch is imported
@@ -64,7 +67,7 @@ def register(app: typer.Typer) -> None:
         from normsurgeon.calibrate.recalibrate import recalibrate
         from normsurgeon.model_io import save_model
 
-        with distributed.process_group() as (rank, world):
+        with distributed.process_group() as (rank, world), torch_threads(threads):
             m = common.load(model, weights, trust_pickle, trust_code)
             dataset = load_data(data, image_size=image_size, mean=mean_t, std=std_t)
             total = len(dataset) if samples is None else min(samples, len(dataset))

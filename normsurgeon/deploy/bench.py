@@ -20,6 +20,8 @@ import numpy as np
 
 from normsurgeon.errors import DataError, ModelSpecError, NormSurgeonError, first_line
 from normsurgeon.report import Reported
+from normsurgeon.threads import check as threads_check
+from normsurgeon.threads import torch_threads
 
 
 @dataclass
@@ -88,8 +90,6 @@ def bench(
     ``fp16`` (export in fp16) is refused for an fp32 file.
     ``progress(done, total)`` is called after each export and each timed batch size (for a bar).
     """
-    import torch
-
     from normsurgeon.deploy import ort
 
     batch_sizes = [int(b) for b in batch_sizes]
@@ -105,14 +105,9 @@ def bench(
     shape, note = _common_shape(input_shape, models, files, labels)
     rep = BenchReport(provider=choice.name, provider_note=choice.note, precision=_precision(fp16, files, labels),
                       input_shape=shape, notes=[note] if note else [])
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(int(threads))  # restored below: the caller's process keeps its setting
-    try:
+    with torch_threads(threads):  # the caller's process keeps its own setting afterwards
         return _run(rep, models, files, labels, batch_sizes, shape, choice, compare, runs, warmup, threads,
                     torch_eager, fp16, min_seconds, progress or (lambda done, total: None))
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _run(rep, models, files, labels, batch_sizes, shape, choice, compare, runs, warmup, threads, torch_eager,
@@ -203,8 +198,7 @@ def check_settings(*, runs: int = 50, warmup: int = 10, threads: int | None = No
         raise ModelSpecError(f"--runs {runs}: need at least 1 timed run")
     if int(warmup) < 0:
         raise ModelSpecError(f"--warmup {warmup}: the number of warm-up runs must be 0 or more")
-    if threads is not None and int(threads) < 1:
-        raise ModelSpecError(f"--threads {threads}: must be 1 or more (leave it out for the library default)")
+    threads_check(threads)
     if min_seconds < 0:
         raise ModelSpecError(f"min_seconds {min_seconds}: must be 0 or more")
 
