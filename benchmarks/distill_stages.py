@@ -50,7 +50,7 @@ def main() -> None:
             sec = time.perf_counter() - t0
             first = res.report["stages"][0]
             init = f"{100 * first['agreement_end']:.1f}" if first["name"] == "moment-init" else "-"
-            acc, agree = scores(res.model, teacher, test)
+            acc, agree, _ = scores(res.model, teacher, test)
             print(f"| {recipe} | {name} | {100 * res.report['before']['agreement']:.1f} | {init} | {100 * acc:.2f} | "
                   f"{100 * agree:.2f} | {sec:.0f} |", flush=True)
 

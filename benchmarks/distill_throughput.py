@@ -1,8 +1,8 @@
 """Cost of a distill step vs a plain supervised training step of the same student at the same batch.
 
 A distill step (``normsurgeon.distillation.loop.train``, the code ``distill`` runs) = teacher forward
-without gradients + student forward/backward on the KL loss and the layer-wise term (at the tool's
-default weight; ``--feature-weight 0`` for outputs only) + AdamW. The supervised step = student
+without gradients + student forward/backward on the KL loss (plus the layer-wise term with
+``--feature-weight W``; the tool's default is outputs only) + AdamW. The supervised step = student
 forward/backward on cross-entropy with labels + AdamW, same batch and data order. Rounds alternate
 (distill, supervised, distill, ...) so a busy machine slows both alike; each round times ``--steps``
 steps; the table gives the median and range of per-step times and of the per-round ratio.

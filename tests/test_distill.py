@@ -200,3 +200,38 @@ def test_student_not_from_convert(teacher):
     assert res.report["stages"][0] == {**res.report["stages"][0], "name": "moment-init", "layers": 0}
     before, after = _agreement(student, teacher, test.x), _agreement(res.model, teacher, test.x)
     assert before < 0.3 and after > 0.6, (before, after)
+
+
+def test_kl_loss_at_a_temperature_matches_a_direct_computation():
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), mean over samples, written out in float64 numpy."""
+    import numpy as np
+
+    from normsurgeon.distillation import outputs
+
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(7, 10, generator=g) * 3, torch.randn(7, 10, generator=g) * 3
+    for temp in (1.0, 2.0, 8.0):
+        a, b = s.double().numpy() / temp, t.double().numpy() / temp
+        log_ps = a - a.max(1, keepdims=True) - np.log(np.exp(a - a.max(1, keepdims=True)).sum(1, keepdims=True))
+        log_pt = b - b.max(1, keepdims=True) - np.log(np.exp(b - b.max(1, keepdims=True)).sum(1, keepdims=True))
+        want = temp ** 2 * (np.exp(log_pt) * (log_pt - log_ps)).sum(1).mean()
+        assert float(outputs.loss(s, t, "auto", temp)) == pytest.approx(want, rel=1e-5)
+
+
+def test_temperature_is_used_reported_and_recorded(teacher):
+    student = normsurgeon.convert(teacher, to="gn").model
+    x = load_digits("train").x[:256]
+    default = normsurgeon.distill(student, teacher, x, steps=3, batch_size=32, init=False)
+    assert default.report["temperature"] == 1.0
+    runs = {t: normsurgeon.distill(student, teacher, x, steps=3, batch_size=32, init=False, temperature=t)
+            for t in (1.0, 8.0)}
+    assert runs[8.0].report["temperature"] == 8.0
+    a, b = runs[8.0].model.state_dict(), runs[1.0].model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # another loss, other steps
+    assert all(torch.equal(b[k], default.model.state_dict()[k]) for k in b)
+    from normsurgeon import provenance
+
+    steps = provenance.get(runs[8.0].model)["steps"]
+    assert steps[-1]["verb"] == "distill" and steps[-1]["args"]["temperature"] == 8.0
+    with pytest.raises(normsurgeon.errors.DistillError, match="--temperature"):
+        normsurgeon.distill(student, teacher, x, steps=1, temperature=float("inf"))

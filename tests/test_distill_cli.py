@@ -40,6 +40,7 @@ def test_json_report_and_evaluate_teacher(files, tmp_path):
     assert r.stderr == ""  # no progress bar on a pipe
     rep = json.loads(r.stdout)
     assert rep["steps"] == 40 and rep["seconds"] > 0 and rep["labels"] is True
+    assert rep["temperature"] == 1.0  # the default
     assert [s["name"] for s in rep["stages"]] == ["moment-init", "output-matching"]
     assert {"loss_start", "loss_end", "agreement_start", "agreement_end"} <= set(rep["stages"][1])
     assert rep["after"]["agreement"] > rep["before"]["agreement"]
@@ -66,7 +67,7 @@ def _factory(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["shape", "small", "fails", "resume-none", "ckpt-exists", "inv-shape", "inv-spec",
-                                  "steps", "feature-weight", "exists"])
+                                  "steps", "feature-weight", "temperature", "exists"])
 def test_errors_one_line_nothing_written(files, tmp_path, case):
     student, teacher = files
     out = tmp_path / "o.pt"
@@ -102,6 +103,9 @@ def test_errors_one_line_nothing_written(files, tmp_path, case):
     elif case == "feature-weight":
         args += ["--feature-weight", "-1"]
         needle = ["--feature-weight", ">= 0"]
+    elif case == "temperature":
+        args += ["--temperature", "0"]
+        needle = ["--temperature", "positive"]
     else:
         out.write_bytes(b"old")
         needle = ["--force"]
@@ -215,3 +219,13 @@ def test_torchrun_two_processes_equal_one(files, tmp_path):
         assert rel <= 1e-5, (k, rel)
         moved += not torch.equal(v, load_model(str(student)).state_dict()[k])
     assert moved >= 6
+
+
+def test_temperature_flag_reaches_the_run(files, tmp_path):
+    student, teacher = files
+    out = tmp_path / "t.pt"
+    r = run_cli("distill", str(student), "--teacher", str(teacher), "--data", "digits:train", "-o", str(out),
+                "--steps", "2", "--batch-size", "16", "--temperature", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["temperature"] == 4.0
+    assert load_model(str(out)) is not None

@@ -191,13 +191,15 @@ def distill(
         raise AssertionError("the teacher received gradients; report this as a bug")
     provenance.record(new, student, "distill", {
         "replay": False, "teacher": (provenance.get(teacher) or {}).get("source"), "data": dataset.name,
-        "steps": steps, "batch_size": batch_size, "lr": cfg.lr, "seed": cfg.seed, "loss": loss, "init": bool(init),
+        "steps": steps, "batch_size": batch_size, "lr": cfg.lr, "seed": cfg.seed, "loss": loss,
+        "temperature": cfg.temperature, "init": bool(init),
         "mixup": bool(mixup), "feature_weight": cfg.features,
     })
     report = {
         "steps": steps, "resumed_from_step": start_step if resume else None, "seconds": round(time.perf_counter() - started, 3),
         "train_seconds": round(summary["seconds"], 3), "batch_size": batch_size, "lr": cfg.lr, "seed": cfg.seed,
-        "loss": loss, "mixup": bool(mixup), "feature_weight": cfg.features, "world_size": world, "device": str(dev), "data": dataset.name, "samples": len(dataset),
+        "loss": loss, "temperature": cfg.temperature, "mixup": bool(mixup), "feature_weight": cfg.features,
+        "world_size": world, "device": str(dev), "data": dataset.name, "samples": len(dataset),
         "eval_samples": len(ev), "labels": dataset.has_labels, "inversion": inv_report,
         "stages": stages, "before": _public(before), "after": _public(final),
         "teacher_accuracy": final["teacher_accuracy"],
@@ -227,5 +229,6 @@ def _check_settings(steps, batch_size, lr, temperature, every) -> None:
             raise DistillError(f"bad {name} {v!r}: use an integer >= 1")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise DistillError(f"bad --lr {lr!r}: use a positive number, e.g. 1e-3")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise DistillError(f"bad temperature {temperature!r}: use a positive number")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature <= 0:
+        raise DistillError(f"bad --temperature {temperature!r}: use a positive number, e.g. 8")
