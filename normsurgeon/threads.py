@@ -7,6 +7,7 @@ and a thread that lost its core stalls all the others. ``--threads 1`` avoids th
 from __future__ import annotations
 
 import contextlib
+import operator
 
 from normsurgeon.errors import ModelSpecError
 
@@ -15,7 +16,11 @@ def check(threads) -> None:
     """Raise one ModelSpecError for a thread count that makes no sense (torch is not imported)."""
     if threads is None:
         return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+    try:
+        count = operator.index(threads)  # ints and integer scalars (numpy), never 1.5 or "2"
+    except TypeError:
+        count = 0
+    if isinstance(threads, bool) or count < 1:
         raise ModelSpecError(f"--threads {threads}: must be 1 or more (leave it out for the library default)")
 
 
@@ -30,7 +35,7 @@ def torch_threads(threads: int | None):
     import torch
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
+    torch.set_num_threads(operator.index(threads))
     try:
         yield
     finally:

@@ -1,5 +1,6 @@
 """--threads: the verbs that compute on data run with the asked torch thread count and give the
 caller's count back; a bad count is one error line before anything is loaded or written."""
+import numpy as np
 import pytest
 import torch
 
@@ -22,7 +23,9 @@ def test_context_sets_and_restores():
     with pytest.raises(RuntimeError), torch_threads(want):
         raise RuntimeError("inside")
     assert torch.get_num_threads() == before
-    for bad in (0, -1, 1.5, True, "2"):
+    with torch_threads(np.int64(want)):  # an integer scalar from numpy is a count too
+        assert torch.get_num_threads() == want
+    for bad in (0, -1, 1.5, True, "2", np.int64(0)):
         with pytest.raises(ModelSpecError, match="--threads"), torch_threads(bad):
             pass
 
