@@ -227,8 +227,6 @@ def _check_settings(steps, batch_size, lr, temperature, every) -> None:
     for name, v in (("--steps", steps), ("--batch-size", batch_size), ("--checkpoint-every", every)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise DistillError(f"bad {name} {v!r}: use an integer >= 1")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise DistillError(f"bad --lr {lr!r}: use a positive number, e.g. 1e-3")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
-            or temperature <= 0:
-        raise DistillError(f"bad --temperature {temperature!r}: use a positive number, e.g. 8")
+    for name, v, example in (("--lr", lr, "1e-3"), ("--temperature", temperature, "8")):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise DistillError(f"bad {name} {v!r}: use a positive number, e.g. {example}")
